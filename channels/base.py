@@ -1,0 +1,96 @@
+"""The provider contract every delivery channel implements.
+
+A provider is one small object per external service (FCM, an SMS gateway, SMTP, the
+embedded outbox), in the spirit of httpx's one-method transports or one apprise plugin
+per service, but async and batched: the sender hands it a whole slice of a delivery
+batch and gets one :class:`SendResult` per message back.
+
+Failure model, which the sender's retry/failover logic relies on:
+
+- a failure that concerns *one* recipient (bad token, carrier rejected a number) is a
+  :class:`SendResult` with ``ok=False``; ``retriable`` says whether trying again later
+  could help and ``invalid_address`` says the address itself is dead (prune it);
+- a failure of the *whole* call (connection refused, provider down, auth failure) is a
+  :class:`ProviderError`, whose ``retriable`` flag says whether the same provider is
+  worth retrying before failing over to the next one.
+
+Providers must never put contact addresses in ``SendResult.error`` or in exception
+messages if they can help it; the sender scrubs them anyway before anything is logged
+or written to a receipt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from streams.records import Channel
+
+__all__ = ["OutgoingMessage", "Provider", "ProviderError", "SendResult"]
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    """One rendered message for one recipient on one channel.
+
+    ``address`` is the resolved contact detail (push token, E.164 number, email
+    address); it exists only in memory between the contact store and the provider.
+    ``collapse_key`` lets a provider replace an older notification for the same alert
+    (FCM ``collapse_key``, APNs ``apns-collapse-id``); ``ttl_s`` is how long the
+    provider may hold the message before it becomes pointless (the alert expiry).
+    """
+
+    subscriber_id: str
+    address: str
+    channel: Channel
+    alert_key: str
+    language: str
+    subject: str
+    body: str
+    collapse_key: str = ""
+    ttl_s: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """What happened to one :class:`OutgoingMessage` (matched by ``subscriber_id``)."""
+
+    subscriber_id: str
+    ok: bool
+    error: str = ""
+    retriable: bool = False
+    provider_message_id: str = ""
+    invalid_address: bool = False
+
+
+class ProviderError(Exception):
+    """The whole ``send_batch`` call failed; no message in it may be assumed delivered.
+
+    ``retriable=True`` (the default) means the same provider may succeed on a later
+    attempt (timeouts, 5xx, connection refused); ``False`` means retrying it is
+    pointless (bad credentials, misconfiguration) and the sender fails over at once.
+    """
+
+    def __init__(self, message: str, *, retriable: bool = True) -> None:
+        super().__init__(message)
+        self.retriable = retriable
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """A delivery service for one channel."""
+
+    name: str
+    channel: Channel
+
+    async def send_batch(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+        """Send every message; return one result per message (any order).
+
+        Raise :class:`ProviderError` only when the call as a whole failed.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections and files; the provider is not used afterwards."""
+        ...

@@ -1,0 +1,402 @@
+"""Channel-independent fan-out of one :class:`DeliveryBatch` through its providers.
+
+``send_batch`` is the whole delivery path for one batch:
+
+1. resolve every recipient's address on the batch's channel (one Redis round trip);
+   recipients without one are ``no_contact``;
+2. claim one idempotency key per recipient (one round trip): already ``sent`` ->
+   ``duplicate``; held by another live sender -> wait (bounded) until that claim is
+   marked sent (``duplicate``) or lapses (we claim it and send), so a crashed worker's
+   claim delays a message by at most one lease but never loses it;
+3. render once per language (the renderer caches across batches);
+4. send through ``providers[0]``, retrying retriable failures with exponential
+   backoff and jitter, then fail over to ``providers[1]`` and so on; leases are kept
+   alive while a provider call or a backoff is in progress;
+5. mark successes sent as soon as each attempt returns (narrowing the window in which
+   a crash could cause a re-send) and release the claims of final failures so a
+   redelivered batch can try again.
+
+Privacy: addresses exist only in local variables and in the messages handed to the
+providers. Logs carry counts and the alert key; receipt errors are scrubbed of every
+address of the batch (providers may echo them in error texts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from datetime import datetime
+
+from channels.base import OutgoingMessage, Provider, ProviderError, SendResult
+from channels.contacts import ContactStore
+from channels.idempotency import ClaimState, IdempotencyGuard
+from streams.records import Alert, DeliveryBatch, DeliveryStatus, Receipt, RecipientResult
+from templates.render import RenderedMessage, Renderer
+
+__all__ = ["send_batch"]
+
+log = logging.getLogger("tocsin.channels.sender")
+
+_EMAIL_RE = re.compile(r"[\w.+-]+@[\w-]+(\.[\w-]+)+")
+_ERROR_MAX = 200
+_MAX_TTL_S = 28 * 24 * 3600  # FCM's maximum time-to-live
+
+
+def _scrub(text: str, addresses: Iterable[str]) -> str:
+    """Remove contact details from a provider's error text before it goes anywhere."""
+    for address in addresses:
+        if address and address in text:
+            text = text.replace(address, "<address>")
+    text = _EMAIL_RE.sub("<address>", text)  # belt and braces for echoed emails
+    return text[:_ERROR_MAX]
+
+
+def _ttl_s(expires: str | None, now: float) -> int | None:
+    """Provider TTL from the CAP expiry: deliver late is fine, after expiry is not."""
+    if not expires:
+        return None
+    try:
+        dt = datetime.fromisoformat(expires)
+    except ValueError:
+        return None
+    if dt.tzinfo is None:
+        return None
+    return max(0, min(_MAX_TTL_S, int(dt.timestamp() - now)))
+
+
+def _backoff(attempt: int, base_s: float, max_s: float) -> float:
+    """Exponential backoff with "equal jitter": half fixed, half random."""
+    delay = min(max_s, base_s * (2**attempt))
+    return delay / 2 + random.uniform(0, delay / 2)
+
+
+@contextlib.asynccontextmanager
+async def _keep_leases(
+    guard: IdempotencyGuard, keys: Callable[[], list[str]], token: str
+) -> AsyncIterator[None]:
+    """Renew our claims every third of a lease while the body runs.
+
+    A slow provider call or a long backoff must not let our lease lapse, or a
+    redelivered copy of the batch would claim and send the same messages.
+    """
+    interval = guard.lease_s / 3
+
+    async def beat() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            current = keys()
+            if current:
+                with contextlib.suppress(Exception):  # a missed beat is retried next time
+                    await guard.extend_many(current, token)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+class _Delivery:
+    """State of one ``send_batch`` call (kept off the module API)."""
+
+    def __init__(
+        self,
+        batch: DeliveryBatch,
+        alert: Alert,
+        guard: IdempotencyGuard,
+        providers: Sequence[Provider],
+        renderer: Renderer,
+        max_attempts: int,
+        backoff_base_s: float,
+        backoff_max_s: float,
+    ) -> None:
+        self.batch = batch
+        self.alert = alert
+        self.guard = guard
+        self.providers = providers
+        self.renderer = renderer
+        self.max_attempts = max(1, max_attempts)
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.token = guard.new_token()
+        self.status: dict[str, RecipientResult] = {}
+        self.delivered_by: dict[str, int] = {}  # provider name -> messages sent
+        self.lost_leases = 0
+        self.unsettled: dict[str, OutgoingMessage] = {}
+        self.last_error: dict[str, str] = {}
+        self.addresses: list[str] = []
+
+    def key(self, sid: str) -> str:
+        return self.guard.key(self.batch.alert_key, self.batch.channel, sid)
+
+    def result(self, sid: str, status: DeliveryStatus, error: str = "") -> None:
+        self.status[sid] = RecipientResult(sid, status, error)
+
+    def messages(self, addresses: dict[str, str], sids: list[str]) -> list[OutgoingMessage]:
+        languages = {r.subscriber_id: r.language for r in self.batch.recipients}
+        rendered: dict[str, tuple[RenderedMessage, int | None]] = {}
+        now = time.time()
+        out = []
+        for sid in sids:
+            lang = languages[sid]
+            cached = rendered.get(lang)
+            if cached is None:
+                msg = self.renderer.render(self.alert, self.batch.channel, lang)
+                cached = rendered[lang] = (msg, _ttl_s(msg.expires, now))
+            msg, ttl_s = cached
+            out.append(
+                OutgoingMessage(
+                    subscriber_id=sid,
+                    address=addresses[sid],
+                    channel=self.batch.channel,
+                    alert_key=self.batch.alert_key,
+                    language=msg.language or lang,
+                    subject=msg.subject,
+                    body=msg.body,
+                    # A newer message for the same alert replaces the older one on
+                    # the device instead of stacking up.
+                    collapse_key=self.batch.alert_key,
+                    ttl_s=ttl_s,
+                )
+            )
+        return out
+
+    async def deliver(self, messages: list[OutgoingMessage], contacts: ContactStore) -> None:
+        """Send claimed messages through the provider chain and settle their claims."""
+        # Messages not yet sent, pruned or lost to another sender; the lease keeper
+        # renews exactly these claims.
+        self.unsettled = {m.subscriber_id: m for m in messages}
+        self.last_error = {}
+        self.addresses = [m.address for m in messages]
+        async with _keep_leases(self.guard, self._unsettled_keys, self.token):
+            for p_index, provider in enumerate(self.providers):
+                if not self.unsettled:
+                    break
+                if p_index:
+                    await self._recheck_claims()
+                await self._try_provider(provider, contacts)
+        failed = list(self.unsettled)
+        for sid in failed:
+            self.result(sid, "failed", self.last_error.get(sid, "not delivered"))
+        if failed:
+            log.warning(
+                "alert %s: %d messages failed on every provider", self.batch.alert_key, len(failed)
+            )
+        await self.guard.release_many([self.key(s) for s in failed], self.token)
+
+    def _unsettled_keys(self) -> list[str]:
+        return [self.key(s) for s in self.unsettled]
+
+    async def _try_provider(self, provider: Provider, contacts: ContactStore) -> None:
+        """Up to ``max_attempts`` calls to one provider for the unsettled messages.
+
+        Only retriable failures are retried here; others are left unsettled for the
+        next provider, which may reach the address another way.
+        """
+        batch = dict(self.unsettled)
+        for attempt in range(self.max_attempts):
+            if attempt:
+                if not batch:
+                    return
+                await asyncio.sleep(_backoff(attempt - 1, self.backoff_base_s, self.backoff_max_s))
+                await self._recheck_claims()
+                batch = {s: m for s, m in batch.items() if s in self.unsettled}
+            if not batch:
+                return
+            try:
+                results = await provider.send_batch(list(batch.values()))
+            except ProviderError as exc:
+                reason = _scrub(f"{provider.name}: {exc}", self.addresses)
+                self.last_error.update(dict.fromkeys(batch, reason))
+                log.warning(
+                    "alert %s: provider %s failed for %d messages (retriable=%s)",
+                    self.batch.alert_key,
+                    provider.name,
+                    len(batch),
+                    exc.retriable,
+                )
+                if not exc.retriable:
+                    return  # fail over at once
+                continue
+            except Exception as exc:  # a provider bug must not stop the failover chain
+                reason = f"{provider.name}: {type(exc).__name__}"
+                self.last_error.update(dict.fromkeys(batch, reason))
+                log.exception(
+                    "alert %s: provider %s crashed (%s)",
+                    self.batch.alert_key,
+                    provider.name,
+                    type(exc).__name__,
+                )
+                return
+            batch = await self._settle(provider, batch, results, contacts)
+
+    async def _settle(
+        self,
+        provider: Provider,
+        batch: dict[str, OutgoingMessage],
+        results: list[SendResult],
+        contacts: ContactStore,
+    ) -> dict[str, OutgoingMessage]:
+        """Apply one attempt's results; return the messages worth retrying here."""
+        by_sid = {r.subscriber_id: r for r in results}
+        sent: list[str] = []
+        dead: list[OutgoingMessage] = []
+        retry: dict[str, OutgoingMessage] = {}
+        for sid, msg in batch.items():
+            res = by_sid.get(sid)
+            if res is None:
+                self.last_error[sid] = f"{provider.name}: no result"
+                retry[sid] = msg
+            elif res.ok:
+                sent.append(sid)
+                del self.unsettled[sid]
+            elif res.invalid_address:
+                dead.append(msg)
+                del self.unsettled[sid]
+                self.result(sid, "failed", f"{provider.name}: invalid address")
+            else:
+                error = res.error or "rejected"
+                self.last_error[sid] = _scrub(f"{provider.name}: {error}", [msg.address])
+                if res.retriable:
+                    retry[sid] = msg
+        if sent:
+            for sid in sent:
+                self.result(sid, "sent")
+            self.delivered_by[provider.name] = self.delivered_by.get(provider.name, 0) + len(sent)
+            self.lost_leases += await self.guard.mark_sent_many(
+                [self.key(s) for s in sent], self.token
+            )
+        if dead:
+            # The address is gone for good (e.g. UNREGISTERED token): prune it unless
+            # the citizen registered a new one meanwhile, and free the claim.
+            for msg in dead:
+                await contacts.invalidate(msg.subscriber_id, self.batch.channel, msg.address)
+            await self.guard.release_many([self.key(m.subscriber_id) for m in dead], self.token)
+        return retry
+
+    async def _recheck_claims(self) -> None:
+        """Before a retry or failover: drop messages whose claim we no longer hold."""
+        sids = list(self.unsettled)
+        states = await self.guard.extend_many([self.key(s) for s in sids], self.token)
+        for sid, state in zip(sids, states, strict=True):
+            if state is not ClaimState.CLAIMED:
+                del self.unsettled[sid]
+                self.result(sid, "duplicate", "handled by another sender")
+
+
+async def send_batch(
+    batch: DeliveryBatch,
+    alert: Alert,
+    *,
+    contacts: ContactStore,
+    guard: IdempotencyGuard,
+    providers: Sequence[Provider],
+    renderer: Renderer,
+    busy_wait_s: float | None = None,
+    max_attempts: int = 3,
+    backoff_base_s: float = 0.2,
+    backoff_max_s: float = 5.0,
+) -> Receipt:
+    """Deliver ``batch`` once per recipient; return one result per recipient.
+
+    ``busy_wait_s`` bounds how long recipients claimed by another sender are waited
+    for (default: twice the guard's lease plus a second, so a crashed sender's claim
+    always lapses within the wait). Recipients still busy after it are reported
+    ``failed`` with reason ``claim busy`` and left to the other sender; nothing is
+    dropped silently. ``max_attempts`` is per provider.
+
+    Raises ``ValueError`` when the batch and the alert disagree on the alert key, and
+    lets Redis errors propagate: without the contact vault and the idempotency keys
+    nothing can be sent safely, and the caller's redelivery will try again.
+    """
+    if not providers:
+        raise ValueError("send_batch needs at least one provider")
+    if batch.alert_key != alert.key:
+        raise ValueError("delivery batch and alert have different alert keys")
+    wait_s = 2 * guard.lease_s + 1.0 if busy_wait_s is None else busy_wait_s
+    run = _Delivery(
+        batch, alert, guard, providers, renderer, max_attempts, backoff_base_s, backoff_max_s
+    )
+    order = list(dict.fromkeys(r.subscriber_id for r in batch.recipients))
+
+    addresses = await contacts.get_addresses(order, batch.channel)
+    for sid in order:
+        if sid not in addresses:
+            run.result(sid, "no_contact")
+    waiting = [sid for sid in order if sid in addresses]
+
+    deadline = time.monotonic() + wait_s
+    poll_s = 0.02
+    while waiting:
+        states = await guard.claim_many([run.key(s) for s in waiting], run.token)
+        claimed: list[str] = []
+        busy: list[str] = []
+        for sid, state in zip(waiting, states, strict=True):
+            if state is ClaimState.CLAIMED:
+                claimed.append(sid)
+            elif state is ClaimState.DONE:
+                run.result(sid, "duplicate")
+            else:
+                busy.append(sid)
+        if claimed:
+            await run.deliver(run.messages(addresses, claimed), contacts)
+        waiting = busy
+        if not waiting:
+            break
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            for sid in waiting:
+                run.result(sid, "failed", "claim busy")
+            log.warning(
+                "alert %s: %d recipients still claimed by another sender",
+                batch.alert_key,
+                len(waiting),
+            )
+            break
+        # Poll: the other claim either turns "sent" or lapses after its lease.
+        await asyncio.sleep(min(poll_s, remaining))
+        poll_s = min(poll_s * 2, 0.5, guard.lease_s / 4)
+
+    results = [run.status[sid] for sid in order]
+    # An in-batch duplicate subscriber gets one result per occurrence.
+    if len(order) != len(batch.recipients):
+        seen: set[str] = set()
+        results = []
+        for r in batch.recipients:
+            status = run.status[r.subscriber_id]
+            results.append(
+                status
+                if r.subscriber_id not in seen
+                else RecipientResult(r.subscriber_id, "duplicate", "repeated in batch")
+            )
+            seen.add(r.subscriber_id)
+    counts: dict[str, int] = {}
+    for res in results:
+        counts[res.status] = counts.get(res.status, 0) + 1
+    if run.lost_leases:
+        log.warning(
+            "alert %s: %d leases lapsed before mark-sent (possible duplicates)",
+            batch.alert_key,
+            run.lost_leases,
+        )
+    log.info(
+        "alert %s channel %s: %s",
+        batch.alert_key,
+        batch.channel,
+        " ".join(f"{k}={v}" for k, v in sorted(counts.items())),
+    )
+    provider = "+".join(run.delivered_by) or providers[0].name
+    return Receipt(
+        alert_key=batch.alert_key,
+        channel=batch.channel,
+        provider=provider,
+        results=results,
+        sent_at=time.time(),
+    )

@@ -1,0 +1,126 @@
+"""The one typed settings object. Only ops/ reads the environment, and only here.
+
+Every field is read from an environment variable named ``TOCSIN_<FIELD>`` (upper case),
+except the two that deployments conventionally set without a prefix:
+``KAFKA_BOOTSTRAP_SERVERS`` and ``REDIS_URL``. ``Settings.env_names()`` lists every
+variable this object understands; the docker-compose config test checks against it.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+_UNPREFIXED = {
+    "kafka_bootstrap_servers": "KAFKA_BOOTSTRAP_SERVERS",
+    "redis_url": "REDIS_URL",
+}
+
+
+class Settings(BaseSettings):
+    """Runtime configuration for every Tocsin process."""
+
+    model_config = SettingsConfigDict(env_prefix="TOCSIN_", extra="ignore", frozen=True)
+
+    # -- infrastructure ------------------------------------------------------------
+    kafka_bootstrap_servers: str = Field(
+        default="",
+        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "TOCSIN_KAFKA_BOOTSTRAP_SERVERS"),
+        description="host:port[,host:port]; empty means the embedded dev stack starts one.",
+    )
+    redis_url: str = Field(
+        default="",
+        validation_alias=AliasChoices("REDIS_URL", "TOCSIN_REDIS_URL"),
+        description="redis://host:port/db; empty means the embedded dev stack starts one.",
+    )
+    app_id: str = "tocsin"
+    topic_prefix: str = ""
+    partitions: int = Field(default=4, ge=1, le=1024)
+    replication_factor: int = Field(default=1, ge=1)
+    # faust: the first group join waits for the rebalance timeout, so keep it short
+    # for the embedded stack and tests; production raises it.
+    broker_rebalance_timeout_s: float = 3.0
+    broker_session_timeout_s: float = 10.0
+    broker_heartbeat_interval_s: float = 1.0
+    worker_web_port: int = 0
+    worker_web_enabled: bool = False
+    log_level: str = "info"
+
+    # -- data ------------------------------------------------------------------------
+    data_dir: Path = REPO_ROOT / "data"
+    counties_file: str = "geodata/us_counties_fips_plotly.geojson"
+
+    # -- ingest limits -----------------------------------------------------------------
+    max_message_bytes: int = 4_000_000
+    max_areas: int = 5_000
+    max_polygons: int = 5_000
+    max_vertices: int = 500_000
+    max_depth: int = 64
+
+    # -- fan-out and channels ----------------------------------------------------------
+    delivery_batch_size: int = Field(default=500, ge=1)
+    outbox_path: Path = Path("tocsin-outbox.jsonl")
+    idempotency_ttl_s: int = 7 * 24 * 3600
+    claim_lease_s: float = 15.0
+    channel_providers: str = Field(
+        default="push=outbox,sms=outbox,email=outbox",
+        description="channel=provider pairs; a provider list 'a|b' means failover order",
+    )
+    fcm_base_url: str = "https://fcm.googleapis.com"
+    fcm_project_id: str = ""
+    fcm_credentials_file: str = ""
+    sms_base_url: str = "https://api.twilio.com"
+    sms_account_sid: str = ""
+    sms_auth_token: str = ""
+    sms_from: str = ""
+    smtp_host: str = "localhost"
+    smtp_port: int = 25
+    smtp_username: str = ""
+    smtp_password: str = ""
+    smtp_starttls: bool = False
+    email_from: str = "alerts@tocsin.invalid"
+
+    # -- API ---------------------------------------------------------------------------
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+
+    def topic(self, name: str) -> str:
+        """Full topic name with the configured prefix: ``<prefix>hazards.raw``."""
+        return f"{self.topic_prefix}{name}"
+
+    def providers_for(self, channel: str) -> list[str]:
+        """Provider names for a channel in failover order."""
+        for pair in self.channel_providers.split(","):
+            key, _, value = pair.partition("=")
+            if key.strip() == channel:
+                return [p.strip() for p in value.split("|") if p.strip()]
+        return ["outbox"]
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as environment variables, to hand to a child process."""
+        env = {}
+        for field, value in self.model_dump().items():
+            name = _UNPREFIXED.get(field, f"TOCSIN_{field.upper()}")
+            env[name] = str(value).lower() if isinstance(value, bool) else str(value)
+        return env
+
+    @classmethod
+    def env_names(cls) -> set[str]:
+        """Every environment variable name this object reads."""
+        names = set()
+        for field in cls.model_fields:
+            names.add(f"TOCSIN_{field.upper()}")
+            if field in _UNPREFIXED:
+                names.add(_UNPREFIXED[field])
+        return names
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

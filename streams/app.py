@@ -1,0 +1,223 @@
+"""The faust app: thin agent loops that decode, call ``streams.pipeline``, and produce.
+
+ingest:   hazards.raw      -> alerts (+ hazards.dlq)
+scatter:  alerts           -> match.requests (one copy per partition)
+match:    match.requests   -> deliveries.{push,sms,email}
+send:     deliveries.*     -> providers, receipts
+receipts: receipts         -> per-alert counters in Redis
+
+No agent dies on a bad record: decode errors and unexpected exceptions become DLQ
+records (ingest, scatter) or logged, counted failures (later stages), and the stream
+moves on. Delivery is at-least-once (tansu has no transactions); the sender's Redis
+idempotency keys make it exactly-once for the citizen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import traceback
+from typing import Any
+
+import faust
+import msgspec
+
+from channels.sender import send_batch
+from ops.settings import Settings
+from streams import topics as T
+from streams.pipeline import match, scatter
+from streams.records import (
+    Alert,
+    DeadLetter,
+    DeliveryBatch,
+    MatchRequest,
+    Receipt,
+    RecipientResult,
+    decoder,
+    encode,
+)
+from streams.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+_alert = decoder(Alert)
+_match = decoder(MatchRequest)
+_batch = decoder(DeliveryBatch)
+_receipt = decoder(Receipt)
+
+# How long a match request waits for its shard to finish reading the subscriptions
+# topic after a (re)assignment before answering with what it has.
+SHARD_CATCH_UP_S = 60.0
+
+
+def _headers(event: Any) -> dict[str, bytes]:
+    raw = event.message.headers or []
+    items = raw.items() if isinstance(raw, dict) else raw
+    return {str(k).lower(): (v or b"") for k, v in items}
+
+
+def build_app(settings: Settings) -> faust.App:
+    """A faust app wired to the configured broker, with every pipeline agent."""
+    app = faust.App(
+        settings.app_id,
+        broker=[f"kafka://{h.strip()}" for h in settings.kafka_bootstrap_servers.split(",")],
+        store="memory://",
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        broker_rebalance_timeout=settings.broker_rebalance_timeout_s,
+        broker_session_timeout=settings.broker_session_timeout_s,
+        broker_heartbeat_interval=settings.broker_heartbeat_interval_s,
+        producer_linger_ms=1,
+        web_enabled=settings.worker_web_enabled,
+        web_port=settings.worker_web_port or 6066,
+        topic_allow_declare=False,  # `tocsin` creates every topic with its own shape
+    )
+
+    def topic(name: str) -> faust.TopicT:
+        return app.topic(
+            settings.topic(name), key_type=bytes, value_type=bytes, value_serializer="raw"
+        )
+
+    raw, dlq, alerts = topic(T.HAZARDS_RAW), topic(T.HAZARDS_DLQ), topic(T.ALERTS)
+    match_requests, receipts = topic(T.MATCH_REQUESTS), topic(T.RECEIPTS)
+    deliveries = {c: topic(name) for c, name in T.DELIVERIES.items()}
+    match_topic_name = settings.topic(T.MATCH_REQUESTS)
+
+    runtime: Runtime | None = None
+    lock = asyncio.Lock()
+
+    async def rt() -> Runtime:
+        nonlocal runtime
+        async with lock:
+            if runtime is None:
+                runtime = await Runtime.create(settings)
+            return runtime
+
+    async def dead(stage: str, reason: str, payload: bytes, detail: str) -> None:
+        letter = DeadLetter(
+            reason=reason, stage=stage, payload=payload[:65536], detail=detail[:2000],
+            rejected_at=time.time(),
+        )  # fmt: skip
+        await dlq.send(value=encode(letter))
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(sender: Any, /, *args: Any, signal: Any, **_: Any) -> None:
+        assigned: set[Any] = args[0] if args else set()
+        owned = {tp.partition for tp in assigned if tp.topic == match_topic_name}
+        (await rt()).reader.follow(owned)
+
+    @app.agent(raw)
+    async def ingest(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            r = await rt()
+            payload = event.value or b""
+            try:
+                outcome = await r.ingestor.ingest(payload, _headers(event))
+            except Exception as exc:  # a bug must not stop ingest for everyone else
+                log.exception("ingest failed on a record")
+                await dead("ingest", "internal_error", payload, f"{exc!r}")
+                continue
+            for letter in outcome.dead:
+                log.info("hazard rejected: %s (%s)", letter.reason, letter.detail[:200])
+                await dlq.send(value=encode(letter))
+            for alert in outcome.alerts:
+                await alerts.send(key=alert.key.encode(), value=encode(alert))
+
+    @app.agent(alerts)
+    async def scatter_alerts(stream: faust.StreamT) -> None:
+        async for payload in stream:
+            try:
+                alert = _alert.decode(payload)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                await dead("scatter", "bad_alert_record", payload, str(exc))
+                continue
+            for partition, request in scatter(alert, settings.partitions, time.time()):
+                await match_requests.send(
+                    key=alert.key.encode(), value=encode(request), partition=partition
+                )
+
+    @app.agent(match_requests)
+    async def match_shard(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            r = await rt()
+            partition = event.message.partition
+            try:
+                request = _match.decode(event.value)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                await dead("match", "bad_match_request", event.value, str(exc))
+                continue
+            shard = r.shards.shard(partition)
+            if shard is None:  # assignment moved on mid-flight; the new owner answers
+                continue
+            try:
+                await asyncio.wait_for(shard.caught_up.wait(), SHARD_CATCH_UP_S)
+            except TimeoutError:
+                log.warning("shard %s not caught up; matching what it holds", partition)
+            try:
+                batches, counts, n = match(
+                    request, shard, r.gazetteer,
+                    batch_size=settings.delivery_batch_size, partition=partition,
+                )  # fmt: skip
+            except Exception as exc:
+                log.exception("match failed for alert %s", request.alert_key)
+                await dead("match", "internal_error", event.value, f"{exc!r}")
+                continue
+            await r.store.add_matched(request.alert_key, counts, n)
+            for batch in batches:
+                await deliveries[batch.channel].send(
+                    key=batch.alert_key.encode(), value=encode(batch)
+                )
+
+    async def send_loop(stream: faust.StreamT) -> None:
+        async for payload in stream:
+            r = await rt()
+            try:
+                batch = _batch.decode(payload)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                await dead("send", "bad_delivery_batch", payload, str(exc))
+                continue
+            receipt = await _send_one(r, batch)
+            await receipts.send(key=batch.alert_key.encode(), value=encode(receipt))
+
+    for channel, delivery_topic in deliveries.items():
+        app.agent(delivery_topic, name=f"send_{channel}", concurrency=4)(send_loop)
+
+    @app.agent(receipts)
+    async def count_receipts(stream: faust.StreamT) -> None:
+        async for payload in stream:
+            r = await rt()
+            try:
+                await r.store.apply_receipt(_receipt.decode(payload))
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                await dead("receipts", "bad_receipt", payload, str(exc))
+
+    @app.on_before_shutdown.connect
+    async def close_runtime(sender: Any, /, *args: Any, signal: Any, **_: Any) -> None:
+        if runtime is not None:
+            await runtime.close()
+
+    return app
+
+
+async def _send_one(r: Runtime, batch: DeliveryBatch) -> Receipt:
+    """Send one delivery batch; an unexpected error fails its recipients, never the agent."""
+    alert = await r.store.get(batch.alert_key)
+    if alert is None:
+        reason = "alert not found in registry"
+    else:
+        try:
+            return await send_batch(
+                batch, alert, contacts=r.contacts, guard=r.guard,
+                providers=r.providers[batch.channel], renderer=r.renderer,
+            )  # fmt: skip
+        except Exception:
+            log.exception("send failed for alert %s", batch.alert_key)
+            reason = "internal error: " + traceback.format_exc(limit=1).splitlines()[-1]
+    return Receipt(
+        alert_key=batch.alert_key,
+        channel=batch.channel,
+        provider="none",
+        results=[RecipientResult(r.subscriber_id, "failed", reason) for r in batch.recipients],
+        sent_at=time.time(),
+    )

@@ -1,0 +1,208 @@
+"""The pipeline's stages as plain async functions, testable without Kafka.
+
+The faust agents in ``streams.app`` are thin loops around these: each takes decoded
+input and returns what to produce next. Nothing here raises on bad input; a bad input
+becomes a ``DeadLetter`` with its reason.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from geofencing.areas import geometry_to_wkb, resolve_alert_geometry, wkb_to_geometry
+from geofencing.gazetteer import Gazetteer
+from streams.cap import CapError, CapLimits, parse_cap
+from streams.hazard_json import parse_hazard_json
+from streams.records import (
+    CHANNELS,
+    Alert,
+    Channel,
+    DeadLetter,
+    DeliveryBatch,
+    MatchRequest,
+    Recipient,
+    Subscription,
+    severity_rank,
+)
+from streams.shards import Shard
+from streams.state import AlertStore, Registration
+
+XML_TYPES = ("application/cap+xml", "application/xml", "text/xml")
+JSON_TYPES = ("application/json", "application/geo+json")
+# Statuses that ever reach citizens; System and Draft never do.
+DELIVERABLE_STATUSES = ("Actual", "Exercise", "Test")
+
+
+def detect_content_type(payload: bytes, declared: str = "") -> str:
+    """``xml`` or ``json`` from the declared content type, else by sniffing the bytes."""
+    declared = declared.split(";")[0].strip().lower()
+    if declared in XML_TYPES or declared.endswith("+xml"):
+        return "xml"
+    if declared in JSON_TYPES or declared.endswith("+json"):
+        return "json"
+    head = payload[:64].lstrip(b"\xef\xbb\xbf \t\r\n")
+    if head.startswith(b"<"):
+        return "xml"
+    if head.startswith((b"{", b"[")):
+        return "json"
+    return ""
+
+
+@dataclass
+class IngestOutcome:
+    """What one raw hazard message became."""
+
+    alerts: list[Alert] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+    duplicates: int = 0
+
+
+def _expired(alert: Alert, now: float) -> bool:
+    """True when every info block has an ``expires`` in the past (CAP: no expires = open)."""
+    if not alert.infos:
+        return False
+    for info in alert.infos:
+        if info.expires is None:
+            return False
+        try:
+            if datetime.fromisoformat(info.expires).timestamp() > now:
+                return False
+        except ValueError:
+            return False  # the parser validated it; be lenient rather than drop an alert
+    return True
+
+
+class Ingestor:
+    """Parses, validates, resolves areas and registers hazard messages."""
+
+    def __init__(
+        self,
+        gazetteer: Gazetteer,
+        store: AlertStore,
+        *,
+        limits: CapLimits | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.gazetteer = gazetteer
+        self.store = store
+        self.limits = limits or CapLimits()
+        self.clock = clock
+
+    def _dead(
+        self, reason: str, payload: bytes, ctype: str, source: str, detail: str
+    ) -> DeadLetter:
+        return DeadLetter(
+            reason=reason,
+            stage="ingest",
+            payload=payload[:65536],  # enough to diagnose; a DLQ must not amplify floods
+            content_type=ctype,
+            source=source,
+            detail=detail[:2000],
+            rejected_at=self.clock(),
+        )
+
+    def parse(self, payload: bytes, ctype: str, source: str) -> list[Alert]:
+        """Parse by content type; raises CapError with a reason code."""
+        kind = detect_content_type(payload, ctype)
+        if kind == "xml":
+            return parse_cap(payload, limits=self.limits, source=source)
+        if kind == "json":
+            return parse_hazard_json(payload, source=source)
+        raise CapError("unknown_content_type", f"neither XML nor JSON (content-type {ctype!r})")
+
+    async def ingest(self, payload: bytes, headers: Mapping[str, bytes]) -> IngestOutcome:
+        """One raw message from ``hazards.raw`` -> alerts to publish and dead letters."""
+        ctype = headers.get("content-type", b"").decode("latin-1")
+        source = headers.get("source", b"").decode("latin-1")
+        outcome = IngestOutcome()
+        try:
+            alerts = self.parse(payload, ctype, source)
+        except CapError as exc:
+            outcome.dead.append(self._dead(exc.reason, payload, ctype, source, str(exc)))
+            return outcome
+        now = self.clock()
+        for alert in alerts:
+            alert.received_at = now
+            reason, detail = self._route(alert, now)
+            if reason:
+                outcome.dead.append(self._dead(reason, payload, ctype, source, detail))
+                continue
+            registration = await self.store.register(alert)
+            if registration is Registration.DUPLICATE:
+                outcome.duplicates += 1
+            elif registration is Registration.CONFLICT:
+                detail = f"identifier {alert.identifier!r} of {alert.sender!r} reused with new sent"
+                outcome.dead.append(self._dead("identifier_reused", payload, ctype, source, detail))
+            else:
+                outcome.alerts.append(alert)
+        return outcome
+
+    def _route(self, alert: Alert, now: float) -> tuple[str, str]:
+        """Resolve the alert's geometry in place; return a rejection (reason, detail) or empty."""
+        if _expired(alert, now):
+            return "expired", f"alert {alert.identifier!r} expired before it was received"
+        geometry, warnings = resolve_alert_geometry(alert, self.gazetteer)
+        alert.warnings.extend(warnings)
+        if geometry is not None:
+            alert.geometry_wkb = geometry_to_wkb(geometry)
+        elif alert.msg_type in ("Alert", "Update") and alert.infos:
+            return "no_routable_area", "; ".join(warnings) or "no polygon, circle or known geocode"
+        return "", ""
+
+
+def scatter(alert: Alert, partitions: int, now: float) -> list[tuple[int, MatchRequest]]:
+    """One match request per ``match.requests`` partition, or none if nothing to match."""
+    if alert.geometry_wkb is None or alert.status not in DELIVERABLE_STATUSES:
+        return []
+    if alert.msg_type not in ("Alert", "Update"):
+        return []  # Cancel/Ack/Error: lifecycle handling arrives with the CAP ingest issue
+    request = MatchRequest(
+        alert_key=alert.key,
+        geometry_wkb=alert.geometry_wkb,
+        severity=alert.max_severity,
+        status=alert.status,
+        produced_at=now,
+    )
+    return [(p, request) for p in range(partitions)]
+
+
+def _wants(sub: Subscription, severity: int, status: str) -> bool:
+    if status != "Actual" and not sub.accept_tests:
+        return False  # Test/Exercise alerts reach only citizens who opted in
+    return severity >= severity_rank(sub.min_severity)
+
+
+def match(
+    request: MatchRequest, shard: Shard, gazetteer: Gazetteer, *, batch_size: int, partition: int
+) -> tuple[list[DeliveryBatch], dict[Channel, int], int]:
+    """Match one request against one shard; return batches, per-channel counts, subscribers."""
+    area = wkb_to_geometry(request.geometry_wkb)
+    index = shard.get_index(gazetteer)
+    matched = index.records(index.match_positions(area))
+    severity = severity_rank(request.severity)
+    per_channel: dict[Channel, list[Recipient]] = {c: [] for c in CHANNELS}
+    subscribers = 0
+    for sub in matched:
+        if not _wants(sub, severity, request.status):
+            continue
+        subscribers += 1
+        for channel in sub.channels:
+            per_channel[channel].append(Recipient(sub.id, sub.language))
+    batches = []
+    now = time.time()
+    for channel, recipients in per_channel.items():
+        for start in range(0, len(recipients), batch_size):
+            batches.append(
+                DeliveryBatch(
+                    alert_key=request.alert_key,
+                    channel=channel,
+                    recipients=recipients[start : start + batch_size],
+                    partition=partition,
+                    produced_at=now,
+                )
+            )
+    counts = {c: len(r) for c, r in per_channel.items() if r}
+    return batches, counts, subscribers

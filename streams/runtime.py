@@ -1,0 +1,107 @@
+"""Per-worker resources (Redis, gazetteer, shards, providers), built once from Settings.
+
+Built lazily inside the worker's running event loop, because Redis and HTTP clients
+bind to the loop that first uses them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from channels.base import Provider
+from channels.contacts import ContactStore
+from channels.idempotency import IdempotencyGuard
+from channels.outbox import OutboxProvider
+from geofencing.gazetteer import Gazetteer, default_gazetteer
+from ops.settings import Settings
+from streams.cap import CapLimits
+from streams.pipeline import Ingestor
+from streams.records import CHANNELS
+from streams.shards import ShardSet, SubscriptionReader
+from streams.state import AlertStore
+from streams.topics import SUBSCRIPTIONS
+from templates.render import Renderer
+
+log = logging.getLogger(__name__)
+
+
+def build_providers(settings: Settings, channel: str) -> list[Provider]:
+    """The configured providers for one channel, in failover order."""
+    providers: list[Provider] = []
+    for name in settings.providers_for(channel):
+        if name == "outbox":
+            providers.append(OutboxProvider(settings.outbox_path, channel))  # type: ignore[arg-type]
+        else:
+            raise ValueError(f"unknown provider {name!r} for channel {channel!r}")
+    return providers
+
+
+@dataclass
+class Runtime:
+    """Everything the agents share inside one worker process."""
+
+    settings: Settings
+    redis: aioredis.Redis
+    store: AlertStore
+    gazetteer: Gazetteer
+    ingestor: Ingestor
+    shards: ShardSet
+    reader: SubscriptionReader
+    contacts: ContactStore
+    guard: IdempotencyGuard
+    renderer: Renderer
+    providers: dict[str, list[Provider]]
+
+    @classmethod
+    async def create(cls, settings: Settings) -> Runtime:
+        """Connect to Redis, load the gazetteer, start the subscription reader."""
+        client = aioredis.Redis.from_url(settings.redis_url)
+        store = AlertStore(client)
+        gazetteer = default_gazetteer(settings.data_dir)
+        limits = CapLimits(
+            max_bytes=settings.max_message_bytes,
+            max_depth=settings.max_depth,
+            max_areas=settings.max_areas,
+            max_polygons=settings.max_polygons,
+            max_vertices=settings.max_vertices,
+        )
+        shards = ShardSet(gazetteer)
+
+        def publish_size(partition: int, size: int) -> None:
+            task = asyncio.ensure_future(store.set_shard_size(partition, size))
+            task.add_done_callback(lambda t: t.exception())
+
+        reader = SubscriptionReader(
+            settings.kafka_bootstrap_servers,
+            settings.topic(SUBSCRIPTIONS),
+            shards,
+            on_size=publish_size,
+        )
+        await reader.start()
+        return cls(
+            settings=settings,
+            redis=client,
+            store=store,
+            gazetteer=gazetteer,
+            ingestor=Ingestor(gazetteer, store, limits=limits),
+            shards=shards,
+            reader=reader,
+            contacts=ContactStore(client),
+            guard=IdempotencyGuard(
+                client, ttl_s=settings.idempotency_ttl_s, lease_s=settings.claim_lease_s
+            ),
+            renderer=Renderer(),
+            providers={c: build_providers(settings, c) for c in CHANNELS},
+        )
+
+    async def close(self) -> None:
+        """Stop the reader, close providers and Redis."""
+        await self.reader.stop()
+        for providers in self.providers.values():
+            for provider in providers:
+                await provider.aclose()
+        await self.redis.aclose()

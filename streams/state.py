@@ -1,0 +1,156 @@
+"""Pipeline state kept in Redis: the alert registry and the per-alert counters.
+
+Plain asyncio Redis code (no faust), shared by the agents, the CLI's progress display
+and the tests. Keys:
+
+- ``tocsin:alert:<key>``      the normalised Alert (JSON), written once by ingest
+- ``tocsin:alert-sent:<key>`` the ``sent`` value ingest registered first (dedup)
+- ``tocsin:alerts``           sorted set of alert keys by time received
+- ``tocsin:counters:<key>``   hash of counters: ``matched``, ``matched:<channel>``,
+                              ``<channel>:<status>`` (sent, failed, duplicate, no_contact)
+- ``tocsin:shards``           hash ``<partition>`` -> subscriptions indexed by that shard
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from streams.records import Alert, Channel, Receipt, decoder, encode
+
+ALERT = "tocsin:alert:"
+ALERT_SENT = "tocsin:alert-sent:"
+ALERTS = "tocsin:alerts"
+COUNTERS = "tocsin:counters:"
+SHARDS = "tocsin:shards"
+
+_alert_decoder = decoder(Alert)
+
+
+class Registration(enum.Enum):
+    """What the registry said about an incoming alert."""
+
+    NEW = "new"
+    DUPLICATE = "duplicate"  # same sender, identifier and sent: already ingested
+    CONFLICT = "conflict"  # same sender and identifier, different sent: CAP forbids reuse
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Delivery progress of one alert, derived from its counters."""
+
+    matched: int
+    expected: dict[str, int]  # channel -> recipients matched on that channel
+    settled: dict[str, int]  # channel -> recipients with a final result
+    outcomes: dict[str, int]  # "<channel>:<status>" -> count
+    complete: bool
+
+    @classmethod
+    def from_counters(cls, counters: dict[str, int], partitions: int) -> Progress:
+        """Read the counters hash; complete when every shard answered and all settled."""
+        expected: dict[str, int] = {}
+        settled: dict[str, int] = {}
+        outcomes: dict[str, int] = {}
+        for field, n in counters.items():
+            if field.startswith("matched:"):
+                expected[field.split(":", 1)[1]] = n
+            elif ":" in field:
+                channel = field.split(":", 1)[0]
+                settled[channel] = settled.get(channel, 0) + n
+                outcomes[field] = n
+        answered = counters.get("shards", 0) >= partitions
+        done = all(settled.get(c, 0) >= n for c, n in expected.items())
+        return cls(counters.get("matched", 0), expected, settled, outcomes, answered and done)
+
+
+class AlertStore:
+    """The alert registry and counters in Redis, with a small in-process read cache."""
+
+    def __init__(self, client: aioredis.Redis, *, ttl_s: int = 30 * 24 * 3600) -> None:
+        self.redis = client
+        self.ttl_s = ttl_s
+        self._cache: dict[str, Alert] = {}
+
+    async def register(self, alert: Alert) -> Registration:
+        """Record an alert once; tell a republished message from a reused identifier."""
+        key = alert.key
+        claimed = await self.redis.set(ALERT_SENT + key, alert.sent, nx=True, ex=self.ttl_s)
+        if not claimed:
+            first = await self.redis.get(ALERT_SENT + key)
+            first_sent = first.decode() if isinstance(first, bytes) else str(first)
+            return Registration.DUPLICATE if first_sent == alert.sent else Registration.CONFLICT
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(ALERT + key, encode(alert), ex=self.ttl_s)
+            pipe.zadd(ALERTS, {key: alert.received_at or time.time()})
+            await pipe.execute()
+        self._cache[key] = alert
+        return Registration.NEW
+
+    async def get(self, key: str) -> Alert | None:
+        """The stored alert, cached in-process (an alert never changes once stored)."""
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        raw = await self.redis.get(ALERT + key)
+        if raw is None:
+            return None
+        alert = _alert_decoder.decode(raw)
+        if len(self._cache) > 10_000:
+            self._cache.clear()  # bounded; alerts are few and reloading one is cheap
+        self._cache[key] = alert
+        return alert
+
+    async def recent(self, limit: int = 50) -> list[str]:
+        """Alert keys, most recent first."""
+        keys = await self.redis.zrevrange(ALERTS, 0, limit - 1)
+        return [k.decode() if isinstance(k, bytes) else str(k) for k in keys]
+
+    async def add_matched(
+        self, key: str, per_channel: Mapping[Channel, int], subscribers: int
+    ) -> None:
+        """Count what one matcher shard found for an alert."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hincrby(COUNTERS + key, "matched", subscribers)
+            pipe.hincrby(COUNTERS + key, "shards", 1)
+            for channel, n in per_channel.items():
+                pipe.hincrby(COUNTERS + key, f"matched:{channel}", n)
+            pipe.expire(COUNTERS + key, self.ttl_s)
+            await pipe.execute()
+
+    async def apply_receipt(self, receipt: Receipt) -> None:
+        """Fold one sender receipt into the alert's counters."""
+        counts: dict[str, int] = {}
+        for result in receipt.results:
+            field = f"{receipt.channel}:{result.status}"
+            counts[field] = counts.get(field, 0) + 1
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for field, n in counts.items():
+                pipe.hincrby(COUNTERS + receipt.alert_key, field, n)
+            pipe.expire(COUNTERS + receipt.alert_key, self.ttl_s)
+            await pipe.execute()
+
+    async def counters(self, key: str) -> dict[str, int]:
+        """All counters of one alert."""
+        raw = await self.redis.hgetall(COUNTERS + key)
+        return {_s(k): int(v) for k, v in raw.items()}
+
+    async def progress(self, key: str, partitions: int) -> Progress:
+        """How far one alert has got: matched by every shard, and every recipient settled."""
+        return Progress.from_counters(await self.counters(key), partitions)
+
+    async def set_shard_size(self, partition: int, size: int) -> None:
+        """Publish how many subscriptions one shard holds (for readiness and the console)."""
+        await self.redis.hset(SHARDS, str(partition), size)
+
+    async def shard_sizes(self) -> dict[int, int]:
+        """Subscriptions held per shard partition."""
+        raw = await self.redis.hgetall(SHARDS)
+        return {int(_s(k)): int(v) for k, v in raw.items()}
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,238 @@
+"""End to end on real parts: tansu broker, redis-server, a real worker process.
+
+Subscriptions go in through the ``subscriptions`` topic, real CAP messages through
+``hazards.raw``; what comes out is checked at the outbox (what citizens would receive)
+against an independent oracle computed here with shapely and pyproj.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyproj
+import pytest
+import redis.asyncio as aioredis
+import shapely
+from shapely.geometry import Point, Polygon, shape
+
+from channels.contacts import Contact, ContactStore
+from channels.outbox import read_outbox
+from ops.settings import Settings
+from streams.publish import hazard_record, produce, rebase_cap_times, subscription_records
+from streams.records import CHANNELS, DeadLetter, Subscription, alert_key, decoder
+from streams.topics import HAZARDS_DLQ, HAZARDS_RAW, SUBSCRIPTIONS
+from tests.integration.pipeline_helpers import (
+    read_topic,
+    running_worker,
+    wait_delivered,
+    wait_indexed,
+)
+
+pytestmark = pytest.mark.integration
+
+THUNDERSTORM = "cap/cap12/oasiscap__spec12_A2_severe_thunderstorm.xml"
+# The alert polygon as the CAP file gives it (lat,lon pairs), for the oracle.
+STORM_RING = "38.47,-120.14 38.34,-119.95 38.52,-119.74 38.62,-119.89 38.47,-120.14"
+STORM_KEY = alert_key("KSTO@NWS.NOAA.GOV", "KSTO1055887203")
+CA_COUNTIES = [
+    "06109",
+    "06003",
+    "06051",
+    "06043",
+    "06009",
+    "06005",
+    "06039",
+    "06019",
+    "06017",
+    "06061",
+    "06037",
+    "06075",
+]
+
+
+def storm_polygon() -> Polygon:
+    return Polygon([(float(p.split(",")[1]), float(p.split(",")[0])) for p in STORM_RING.split()])
+
+
+def counties(data_dir: Path) -> dict[str, shapely.Geometry]:
+    doc = json.loads((data_dir / "geodata/us_counties_fips_plotly.geojson").read_bytes())
+    return {f["id"]: shapely.make_valid(shape(f["geometry"])) for f in doc["features"]}
+
+
+def make_subscribers(n: int, data_dir: Path) -> tuple[list[Subscription], dict[str, Contact], set]:
+    """n subscribers around the storm polygon and an oracle of (id, channel) pairs to warn."""
+    rng = np.random.default_rng(2024)
+    area = storm_polygon()
+    local = pyproj.Transformer.from_crs(
+        "EPSG:4326",
+        f"+proj=aeqd +lat_0={area.centroid.y} +lon_0={area.centroid.x} +units=m",
+        always_xy=True,
+    ).transform
+    area_m = shapely.transform(area, local, interleaved=False)
+    county_geoms = counties(data_dir)
+    subs: list[Subscription] = []
+    contacts: dict[str, Contact] = {}
+    expected: set[tuple[str, str]] = set()
+    for i in range(n):
+        sid = f"sub-{i:05d}"
+        channels = [c for c in CHANNELS if rng.random() < 0.5] or ["email"]
+        contacts[sid] = Contact(
+            push_token=f"tok-{i}", phone=f"+1555{i:07d}", email=f"p{i}@example.org"
+        )
+        if i < int(n * 0.7):
+            lon = float(rng.uniform(-120.35, -119.55))
+            lat = float(rng.uniform(38.20, 38.75))
+            radius = float(rng.choice([0.0, 0.0, 3000.0]))
+            distance = area_m.distance(Point(*local(lon, lat)))
+            if radius and abs(distance - radius) < 100:
+                radius = 0.0  # keep the oracle away from its own rounding
+            if radius == 0.0 and distance < 1.0 and not area.contains(Point(lon, lat)):
+                continue  # on the boundary within a metre: not a fair question
+            hit = area.intersects(Point(lon, lat)) if radius == 0 else distance <= radius
+            sub = Subscription(
+                id=sid, kind="place", lon=lon, lat=lat, radius_m=radius, channels=channels
+            )  # type: ignore[arg-type]
+        else:
+            fips = str(rng.choice(CA_COUNTIES))
+            overlap = county_geoms[fips].intersection(area).area
+            if 0 < overlap < 1e-5:
+                continue  # a sliver: tolerance territory, not asserted here
+            hit = overlap > 0
+            sub = Subscription(id=sid, kind="zone", zone=f"FIPS:{fips}", channels=channels)  # type: ignore[arg-type]
+        subs.append(sub)
+        if hit:
+            expected.update((sid, c) for c in channels)
+    return subs, contacts, expected
+
+
+def settings_for(broker: str, redis_url: str, tmp_path: Path, data_dir: Path) -> Settings:
+    return Settings(
+        kafka_bootstrap_servers=broker,
+        redis_url=redis_url,
+        partitions=3,
+        outbox_path=tmp_path / "outbox.jsonl",
+        data_dir=data_dir,
+        broker_rebalance_timeout_s=2.0,
+    )
+
+
+async def load(settings: Settings, subs: list[Subscription], contacts: dict[str, Contact]) -> None:
+    client = aioredis.Redis.from_url(settings.redis_url)
+    await ContactStore(client).put_many(contacts)
+    await client.aclose()
+    await produce(
+        settings.kafka_bootstrap_servers, settings.topic(SUBSCRIPTIONS), subscription_records(subs)
+    )
+
+
+def storm_bytes(data_dir: Path) -> bytes:
+    return rebase_cap_times((data_dir / THUNDERSTORM).read_bytes(), datetime.now(UTC))
+
+
+async def publish(settings: Settings, *payloads: tuple[bytes, str]) -> None:
+    await produce(
+        settings.kafka_bootstrap_servers,
+        settings.topic(HAZARDS_RAW),
+        [hazard_record(p, ctype, "test", 0.0) for p, ctype in payloads],
+    )
+
+
+def delivered_pairs(path: Path) -> list[tuple[str, str]]:
+    return [(line["subscriber_id"], line["channel"]) for line in read_outbox(path)]
+
+
+def test_exactly_the_subscribers_inside_the_area_are_warned_once_per_channel(
+    broker: str, redis_url: str, tmp_path: Path, data_dir: Path
+) -> None:
+    settings = settings_for(broker, redis_url, tmp_path, data_dir)
+    subs, contacts, expected = make_subscribers(1000, data_dir)
+    assert len(expected) > 100 and len(subs) > 900  # the fixture exercises both outcomes
+
+    async def scenario() -> None:
+        async with running_worker(settings, tmp_path) as worker:
+            await load(settings, subs, contacts)
+            await wait_indexed(settings, len(subs), worker)
+            await publish(settings, (storm_bytes(data_dir), "application/cap+xml"))
+            state = await wait_delivered(settings, STORM_KEY, worker)
+            assert state.outcomes.get("push:failed", 0) == 0
+
+    asyncio.run(scenario())
+    delivered = delivered_pairs(settings.outbox_path)
+    assert len(delivered) == len(set(delivered)), "someone was warned twice on one channel"
+    missing = expected - set(delivered)
+    extra = set(delivered) - expected
+    assert not missing, f"{len(missing)} subscribers inside the area were not warned"
+    assert not extra, f"{len(extra)} subscribers outside the area were warned"
+    zones = {s.id for s in subs if s.kind == "zone"}
+    assert any(sid in zones for sid, _ in delivered), "no county-zone subscriber was warned"
+
+
+def test_bad_input_goes_to_the_dlq_with_a_reason_and_the_stream_keeps_flowing(
+    broker: str, redis_url: str, tmp_path: Path, data_dir: Path
+) -> None:
+    settings = settings_for(broker, redis_url, tmp_path, data_dir)
+    subs = [Subscription(id="inside", kind="place", lon=-119.95, lat=38.47, channels=["sms"])]
+    malformed = (
+        data_dir / "cap/invalid/google-cap-library__invalid_missing_scope.cap"
+    ).read_bytes()
+
+    async def scenario() -> list[DeadLetter]:
+        async with running_worker(settings, tmp_path) as worker:
+            await load(settings, subs, {"inside": Contact(phone="+15550000001")})
+            await wait_indexed(settings, 1, worker)
+            await publish(
+                settings,
+                (malformed, "application/cap+xml"),
+                (b"\x00\x01 this is not XML or JSON \xff", ""),
+                (storm_bytes(data_dir), "application/cap+xml"),
+            )
+            await wait_delivered(settings, STORM_KEY, worker)
+            records = await read_topic(broker, settings.topic(HAZARDS_DLQ), expected=2)
+        return [decoder(DeadLetter).decode(r.value) for r in records]
+
+    letters = asyncio.run(scenario())
+    reasons = sorted(letter.reason for letter in letters)
+    assert len(letters) == 2, reasons
+    assert all(letter.stage == "ingest" and letter.detail for letter in letters)
+    assert any("scope" in letter.detail.lower() for letter in letters), reasons
+    assert "unknown_content_type" in reasons
+    assert delivered_pairs(settings.outbox_path) == [("inside", "sms")]
+
+
+def test_republishing_the_same_cap_message_delivers_nothing_twice(
+    broker: str, redis_url: str, tmp_path: Path, data_dir: Path
+) -> None:
+    settings = settings_for(broker, redis_url, tmp_path, data_dir)
+    subs = [
+        Subscription(
+            id=f"s{i}", kind="place", lon=-119.95 + i * 0.001, lat=38.47, channels=["push", "email"]
+        )  # type: ignore[list-item]
+        for i in range(20)
+    ]
+    contacts = {s.id: Contact(push_token=f"t{s.id}", email=f"{s.id}@example.org") for s in subs}
+    payload = storm_bytes(data_dir)
+
+    async def scenario() -> None:
+        async with running_worker(settings, tmp_path) as worker:
+            await load(settings, subs, contacts)
+            await wait_indexed(settings, len(subs), worker)
+            await publish(settings, (payload, "application/cap+xml"))
+            await wait_delivered(settings, STORM_KEY, worker)
+            # The same message again, twice, then a marker alert to know they were processed.
+            await publish(
+                settings, (payload, "application/cap+xml"), (payload, "application/cap+xml")
+            )
+            marker = payload.replace(b"KSTO1055887203", b"KSTO1055887203-marker")
+            await publish(settings, (marker, "application/cap+xml"))
+            await wait_delivered(
+                settings, alert_key("KSTO@NWS.NOAA.GOV", "KSTO1055887203-marker"), worker
+            )
+
+    asyncio.run(scenario())
+    lines = read_outbox(settings.outbox_path)
+    storm = [(x["subscriber_id"], x["channel"]) for x in lines if x["alert_key"] == STORM_KEY]
+    assert len(storm) == 40 and len(set(storm)) == 40

@@ -1,0 +1,70 @@
+"""docker-compose.yml cannot run here (no Docker engine); keep it correct by reading it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from ops.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+TOCSIN_SERVICES = ("worker", "api")
+
+
+def _compose() -> dict:
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+def test_every_tocsin_service_names_only_known_settings() -> None:
+    known = Settings.env_names()
+    services = _compose()["services"]
+    for name in TOCSIN_SERVICES:
+        env = services[name]["environment"]
+        unknown = sorted(set(env) - known)
+        assert not unknown, f"{name}: environment names no setting: {unknown}"
+
+
+def test_every_compose_setting_value_is_accepted_by_settings(monkeypatch) -> None:
+    for name in TOCSIN_SERVICES:
+        env = _compose()["services"][name]["environment"]
+        for key, value in env.items():
+            monkeypatch.setenv(key, str(value))
+        settings = Settings()
+        assert settings.kafka_bootstrap_servers == "kafka:9092"
+        assert settings.redis_url.startswith("redis://redis:6379")
+        assert settings.partitions >= 2
+
+
+def test_workers_wait_for_healthy_kafka_and_redis() -> None:
+    worker = _compose()["services"]["worker"]
+    assert worker["depends_on"]["kafka"]["condition"] == "service_healthy"
+    assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert worker["command"] == ["tocsin", "worker"]
+
+
+def test_kafka_is_kraft_single_node_without_auto_create() -> None:
+    env = _compose()["services"]["kafka"]["environment"]
+    assert "broker" in env["KAFKA_PROCESS_ROLES"] and "controller" in env["KAFKA_PROCESS_ROLES"]
+    # Tocsin creates its topics with their shapes (compaction, partitions); auto-create
+    # would silently make wrong ones.
+    assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
+
+
+def test_only_ops_reads_the_environment() -> None:
+    offenders = []
+    for package in ("streams", "geofencing", "channels", "templates"):
+        for path in (REPO / package).rglob("*.py"):
+            text = path.read_text()
+            if "os.environ" in text or "os.getenv" in text:
+                offenders.append(str(path.relative_to(REPO)))
+    assert not offenders, f"only ops/ may read the environment: {offenders}"
+
+
+def test_plain_packages_never_import_faust() -> None:
+    offenders = []
+    for package in ("geofencing", "channels", "templates"):
+        for path in (REPO / package).rglob("*.py"):
+            if "import faust" in path.read_text() or "from faust" in path.read_text():
+                offenders.append(str(path.relative_to(REPO)))
+    assert not offenders, f"geofencing/, channels/, templates/ must not import faust: {offenders}"
