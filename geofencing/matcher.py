@@ -66,6 +66,7 @@ _EPS: Final = 1e-9  # degrees: cells grow by this before "wholly inside" so roun
 # the Morton code, so a walk only widens its search by the radii actually in each class.
 RADIUS_CLASSES_M: Final = np.array([0.0, 500.0, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 1e6])
 _BUCKET_SHIFT: Final = 2 * LEVELS
+_START_EXTRA: Final = 2  # start 2 levels below the one whose cell covers the box
 
 
 class ZoneLookup(Protocol):
@@ -162,15 +163,17 @@ def _query_boxes(
 def _start_cells(
     boxes: list[tuple[float, float, float, float]],
 ) -> tuple[int, IntArray, IntArray]:
-    """The coarsest level at which each box spans <= 2x2 cells, and those cells.
+    """The coarsest level at which each box spans <= START_SPAN cells a side, and those
+    cells. Starting this deep skips the top levels where every cell would just be split.
 
-    One level for all boxes of a bucket, so start cells never nest (no double counting).
+    One level for all boxes of a class, so start cells never nest (no double counting).
     """
     level = LEVELS
     for x0, y0, x1, y1 in boxes:
         w, h = max(x1 - x0, 1e-12), max(y1 - y0, 1e-12)
-        level = min(level, math.floor(min(math.log2(360.0 / w), math.log2(180.0 / h))))
-    level = max(level, 0)
+        fit = math.floor(min(math.log2(360.0 / w), math.log2(180.0 / h)))
+        level = min(level, fit + _START_EXTRA)
+    level = min(max(level, 0), LEVELS)
     ixs, iys = [], []
     for x0, y0, x1, y1 in boxes:
         (ix0, ix1), (iy0, iy1) = _cell(np.array([x0, x1]), np.array([y0, y1]), level)
@@ -374,40 +377,44 @@ class SubscriptionIndex:
 
         acc_s, acc_e, cand_s, cand_e = [], [], [], []
         codes = self._codes
+        # key = class bits above the cell's 2*level-bit Morton prefix, so that at `level`
+        # a cell's points are the codes in [key << shift, (key + 1) << shift) and a
+        # child's key is (key << 2) | quadrant.
+        key = (bucket.astype(np.uint64) << (2 * level).astype(np.uint64)) | _morton(ix, iy)
         while len(ix):
             shift = (2 * (LEVELS - level)).astype(np.uint64)
-            base = bucket.astype(np.uint64) << np.uint64(_BUCKET_SHIFT)
-            prefix = _morton(ix, iy)
-            start = np.searchsorted(codes, base | (prefix << shift)).astype(np.int64)
-            stop = np.searchsorted(codes, base | ((prefix + np.uint64(1)) << shift))
-            count = stop.astype(np.int64) - start
-            stop = start + count
-            small = (count > 0) & ((count <= LEAF_POINTS) | (level >= LEVELS))
-            cand_s.append(start[small])
-            cand_e.append(stop[small])
-            big = np.flatnonzero((count > LEAF_POINTS) & (level < LEVELS))
-            if len(big) == 0:
-                break
-            bucket, level, ix, iy = bucket[big], level[big], ix[big], iy[big]
-            dlon, dlat, start, stop = dlon[big], dlat[big], start[big], stop[big]
+            bounds = np.searchsorted(codes, np.concatenate([key << shift, (key + 1) << shift]))
+            start, stop = bounds[: len(key)].astype(np.int64), bounds[len(key) :].astype(np.int64)
+            # Every non-empty cell is classified (a box test costs about as much as the
+            # exact test of two or three points): wholly inside -> accept the slice;
+            # out of reach -> drop; on the boundary -> split, or test its points once
+            # the cell holds <= LEAF_POINTS.
+            live = np.flatnonzero(stop > start)
+            key, level, ix, iy = key[live], level[live], ix[live], iy[live]
+            dlon, dlat, start, stop = dlon[live], dlat[live], start[live], stop[live]
             cw = 360.0 / np.left_shift(1, level).astype(np.float64)
             x0, y0 = ix * cw - 180.0, iy * (cw / 2.0) - 90.0
             x1, y1 = x0 + cw, y0 + cw / 2.0
             relevant = _near(area, x0 - dlon, y0 - dlat, x1 + dlon, y1 + dlat)
-            inside = np.zeros(len(big), dtype=bool)
-            r = relevant
+            r = np.flatnonzero(relevant)
+            inside = np.zeros(len(live), dtype=bool)
             inside[r] = shapely.contains(
                 area,
                 shapely.box(x0[r] - _EPS, y0[r] - _EPS, x1[r] + _EPS, y1[r] + _EPS),
             )
             acc_s.append(start[inside])
             acc_e.append(stop[inside])
-            split = np.flatnonzero(relevant & ~inside)
-            # Four children per split node: (dx, dy) = (0,0), (1,0), (0,1), (1,1).
+            edge = relevant & ~inside
+            leaf = edge & ((stop - start <= LEAF_POINTS) | (level >= LEVELS))
+            cand_s.append(start[leaf])
+            cand_e.append(stop[leaf])
+            split = np.flatnonzero(edge & ~leaf)
+            # Four children per split cell, in Morton order (dx, dy) = 00, 10, 01, 11.
             rep = np.repeat(split, 4)
-            dx, dy = np.tile([0, 1, 0, 1], len(split)), np.tile([0, 0, 1, 1], len(split))
-            bucket, level, dlon, dlat = bucket[rep], level[rep] + 1, dlon[rep], dlat[rep]
-            ix, iy = ix[rep] * 2 + dx, iy[rep] * 2 + dy
+            quad = np.tile(np.arange(4, dtype=np.int64), len(split))
+            key = (key[rep] << np.uint64(2)) | quad.astype(np.uint64)
+            level, dlon, dlat = level[rep] + 1, dlon[rep], dlat[rep]
+            ix, iy = ix[rep] * 2 + (quad & 1), iy[rep] * 2 + (quad >> 1)
         empty = [np.empty(0, dtype=np.int64)]
         return (
             (np.concatenate(acc_s + empty), np.concatenate(acc_e + empty)),

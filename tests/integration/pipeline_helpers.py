@@ -90,8 +90,14 @@ async def wait_delivered(settings: Settings, key: str, worker: RunningWorker) ->
     return state[-1]
 
 
-async def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 30) -> list:  # type: ignore[type-arg]
-    """Read at least ``expected`` records of a topic from the beginning (all partitions)."""
+async def read_topic(
+    bootstrap: str, topic: str, expected: int | None = None, timeout: float = 30
+) -> list:  # type: ignore[type-arg]
+    """Records of a topic from the beginning (all partitions).
+
+    With ``expected``, read until that many arrived; without, until a fetch round
+    comes back empty (the end of every partition).
+    """
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
     )
@@ -106,10 +112,14 @@ async def read_topic(bootstrap: str, topic: str, expected: int, timeout: float =
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         deadline = time.monotonic() + timeout
-        while len(records) < expected and time.monotonic() < deadline:
-            batch = await consumer.getmany(timeout_ms=200)
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=300)
             for tp_records in batch.values():
                 records.extend(tp_records)
+            if expected is None and not batch:
+                break
+            if expected is not None and len(records) >= expected:
+                break
     finally:
         await consumer.stop()
     return records

@@ -24,7 +24,15 @@ from channels.outbox import read_outbox
 from ops.settings import Settings
 from streams.publish import hazard_record, produce, rebase_cap_times, subscription_records
 from streams.records import CHANNELS, DeadLetter, Subscription, alert_key, decoder
-from streams.topics import HAZARDS_DLQ, HAZARDS_RAW, SUBSCRIPTIONS
+from streams.topics import (
+    ALERTS,
+    DELIVERIES,
+    HAZARDS_DLQ,
+    HAZARDS_RAW,
+    MATCH_REQUESTS,
+    RECEIPTS,
+    SUBSCRIPTIONS,
+)
 from tests.integration.pipeline_helpers import (
     read_topic,
     running_worker,
@@ -159,6 +167,15 @@ def test_exactly_the_subscribers_inside_the_area_are_warned_once_per_channel(
             await publish(settings, (storm_bytes(data_dir), "application/cap+xml"))
             state = await wait_delivered(settings, STORM_KEY, worker)
             assert state.outcomes.get("push:failed", 0) == 0
+            seen = b""
+            for name in (ALERTS, MATCH_REQUESTS, RECEIPTS, *DELIVERIES.values()):
+                seen += b"".join(r.value or b"" for r in await read_topic(broker, name))
+            log = worker.log_path.read_bytes()
+        assert b"sub-" in seen, "the pipeline topics were not read"
+        for contact in contacts.values():
+            for address in (contact.push_token, contact.phone, contact.email):
+                assert address.encode() not in seen, "a contact detail reached a pipeline topic"
+                assert address.encode() not in log, "a contact detail reached the worker log"
 
     asyncio.run(scenario())
     delivered = delivered_pairs(settings.outbox_path)

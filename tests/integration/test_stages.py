@@ -1,0 +1,134 @@
+"""The pipeline's stage functions without Kafka, on a real redis-server and real data."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from geofencing.gazetteer import default_gazetteer
+from streams.pipeline import Ingestor, detect_content_type, match, scatter
+from streams.publish import rebase_cap_times
+from streams.records import Subscription, encode
+from streams.shards import Shard
+from streams.state import AlertStore
+
+pytestmark = pytest.mark.integration
+STORM = "cap/cap12/oasiscap__spec12_A2_severe_thunderstorm.xml"
+AMBER = "cap/cap12/oasiscap__spec12_A4_amber_multilingual.xml"
+
+
+@pytest.fixture
+async def ingestor(redis_url: str, data_dir: Path):  # type: ignore[no-untyped-def]
+    client = aioredis.Redis.from_url(redis_url)
+    yield Ingestor(default_gazetteer(data_dir), AlertStore(client))
+    await client.aclose()
+
+
+def now_bytes(data_dir: Path, rel: str) -> bytes:
+    return rebase_cap_times((data_dir / rel).read_bytes(), datetime.now(UTC))
+
+
+async def test_a_live_cap_alert_is_accepted_with_its_area_resolved(
+    ingestor: Ingestor, data_dir: Path
+) -> None:
+    outcome = await ingestor.ingest(now_bytes(data_dir, STORM), {"content-type": b"application/cap+xml"})
+    assert not outcome.dead
+    [alert] = outcome.alerts
+    assert alert.identifier == "KSTO1055887203" and alert.geometry_wkb
+    assert alert.max_severity == "Severe"
+
+
+async def test_geocode_only_alert_resolves_through_the_county_gazetteer(
+    ingestor: Ingestor, data_dir: Path
+) -> None:
+    outcome = await ingestor.ingest(now_bytes(data_dir, AMBER), {})
+    [alert] = outcome.alerts
+    assert alert.geometry_wkb, "SAME 006037 (Los Angeles County) must resolve"
+
+
+async def test_the_historical_file_as_published_is_rejected_as_expired(
+    ingestor: Ingestor, data_dir: Path
+) -> None:
+    outcome = await ingestor.ingest((data_dir / STORM).read_bytes(), {})
+    assert [d.reason for d in outcome.dead] == ["expired"]
+    assert not outcome.alerts
+
+
+async def test_republished_message_is_a_duplicate_and_a_reused_identifier_a_conflict(
+    ingestor: Ingestor, data_dir: Path
+) -> None:
+    payload = now_bytes(data_dir, STORM)
+    first = await ingestor.ingest(payload, {})
+    again = await ingestor.ingest(payload, {})
+    assert len(first.alerts) == 1 and not again.alerts and again.duplicates == 1
+    later = rebase_cap_times(payload, datetime.now(UTC) + timedelta(minutes=5))
+    reused = await ingestor.ingest(later, {})
+    assert [d.reason for d in reused.dead] == ["identifier_reused"]
+
+
+async def test_an_alert_with_no_routable_area_goes_to_the_dlq(ingestor: Ingestor) -> None:
+    event = {
+        "identifier": "x-1", "sender": "sensor@example.org", "sent": "2099-01-01T00:00:00+00:00",
+        "status": "Actual", "msgType": "Alert", "scope": "Public", "event": "Flood",
+        "severity": "Severe", "urgency": "Immediate", "certainty": "Observed",
+        "category": "Met",
+        "area": {"geocodes": [{"valueName": "SAME", "value": "999999"}]},
+    }  # fmt: skip
+    outcome = await ingestor.ingest(json.dumps(event).encode(), {"content-type": b"application/json"})
+    assert [d.reason for d in outcome.dead] == ["no_routable_area"]
+    assert "999999" in outcome.dead[0].detail
+
+
+async def test_garbage_and_hostile_xml_are_rejected_with_reasons(ingestor: Ingestor) -> None:
+    garbage = await ingestor.ingest(b"\x00\x01\x02", {})
+    assert [d.reason for d in garbage.dead] == ["unknown_content_type"]
+    xxe = b'<?xml version="1.0"?><!DOCTYPE a [<!ENTITY x SYSTEM "file:///etc/passwd">]><a>&x;</a>'
+    hostile = await ingestor.ingest(xxe, {})
+    assert [d.reason for d in hostile.dead] == ["doctype_forbidden"]
+    assert b"root:" not in encode(hostile.dead[0])
+
+
+def test_content_type_detection() -> None:
+    assert detect_content_type(b"\xef\xbb\xbf<alert/>") == "xml"
+    assert detect_content_type(b' {"a": 1}') == "json"
+    assert detect_content_type(b"{}", "application/cap+xml; charset=utf-8") == "xml"
+    assert detect_content_type(b"hello") == ""
+
+
+async def test_scatter_and_match_honour_severity_and_test_opt_in(
+    ingestor: Ingestor, data_dir: Path
+) -> None:
+    [alert] = (await ingestor.ingest(now_bytes(data_dir, STORM), {})).alerts
+    requests = scatter(alert, 4, time.time())
+    assert [p for p, _ in requests] == [0, 1, 2, 3]
+    shard = Shard()
+    inside = {"kind": "place", "lon": -119.95, "lat": 38.47, "channels": ["push", "sms"]}
+    for sid, extra in {
+        "everyone": {},
+        "extreme-only": {"min_severity": "Extreme"},
+        "outside": {"lon": -100.0},
+        "zone": {"kind": "zone", "zone": "FIPS:06109", "lon": None, "lat": None},
+    }.items():
+        shard.apply(sid, encode(Subscription(id=sid, **{**inside, **extra})))  # type: ignore[arg-type]
+    shard.apply("zone", None)  # a tombstone erases it
+    batches, counts, n = match(
+        requests[0][1], shard, ingestor.gazetteer, batch_size=500, partition=0
+    )
+    assert n == 1 and counts == {"push": 1, "sms": 1}
+    assert {r.subscriber_id for b in batches for r in b.recipients} == {"everyone"}
+    test_request = requests[0][1]
+    test_request.status = "Test"
+    assert match(test_request, shard, ingestor.gazetteer, batch_size=500, partition=0)[2] == 0
+
+
+def test_a_malformed_subscription_record_is_rejected_not_fatal() -> None:
+    shard = Shard()
+    assert shard.apply("a", b"{not json") is not None
+    other = encode(Subscription(id="b", kind="place", lon=1, lat=1))
+    assert shard.apply("a", other) == "subscription id does not match the record key"
+    assert shard.subscriptions == {} and shard.rejected == 2
