@@ -172,6 +172,16 @@ def subscribers_load(
     console.print(f"loaded {count} subscription(s) into {settings.topic(SUBSCRIPTIONS)}")
 
 
+def _register_subcommands() -> None:
+    """Command groups that live in their own modules (kept small, one concern each)."""
+    from ops import cli_cap
+
+    app.add_typer(cli_cap.app, name="cap")
+
+
+_register_subcommands()
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

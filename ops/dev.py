@@ -106,6 +106,7 @@ def spawn_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [sys.executable, "-m", "ops.cli", "worker"],
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # see ops.devstack: the parent stops it in order
         )  # fmt: skip
 
 

@@ -88,9 +88,12 @@ def _spawn(name: str, argv: list[str], workdir: Path, port: int, url: str) -> Se
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"{name}.log"
     with open(log_path, "wb") as log:
+        # A session of its own: Ctrl-C in the terminal reaches only `tocsin dev`, which
+        # then stops the worker before the services it depends on.
         proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir
-        )
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir,
+            start_new_session=True,
+        )  # fmt: skip
     service = Service(name=name, proc=proc, port=port, url=url, log_path=log_path)
     service.wait_ready()
     return service

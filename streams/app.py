@@ -26,13 +26,16 @@ import msgspec
 from channels.sender import send_batch
 from ops.settings import Settings
 from streams import topics as T
-from streams.pipeline import match, scatter
+from streams.lifecycle import expired
+from streams.pipeline import cancel_followups, match, scatter
 from streams.records import (
     Alert,
     DeadLetter,
     DeliveryBatch,
+    DeliveryStatus,
     MatchRequest,
     Receipt,
+    Recipient,
     RecipientResult,
     decoder,
     encode,
@@ -136,6 +139,14 @@ def build_app(settings: Settings) -> faust.App:
                 await match_requests.send(
                     key=alert.key.encode(), value=encode(request), partition=partition
                 )
+            if alert.msg_type == "Cancel":
+                r = await rt()
+                for batch in await cancel_followups(
+                    alert, r.store, batch_size=settings.delivery_batch_size
+                ):
+                    await deliveries[batch.channel].send(
+                        key=batch.alert_key.encode(), value=encode(batch)
+                    )
 
     @app.agent(match_requests)
     async def match_shard(stream: faust.StreamT) -> None:
@@ -177,8 +188,12 @@ def build_app(settings: Settings) -> faust.App:
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 await dead("send", "bad_delivery_batch", payload, str(exc))
                 continue
-            receipt = await _send_one(r, batch)
+            receipt, followup = await _send_one(r, batch)
             await receipts.send(key=batch.alert_key.encode(), value=encode(receipt))
+            if followup is not None:
+                await deliveries[followup.channel].send(
+                    key=followup.alert_key.encode(), value=encode(followup)
+                )
 
     for channel, delivery_topic in deliveries.items():
         app.agent(delivery_topic, name=f"send_{channel}", concurrency=4)(send_loop)
@@ -200,24 +215,52 @@ def build_app(settings: Settings) -> faust.App:
     return app
 
 
-async def _send_one(r: Runtime, batch: DeliveryBatch) -> Receipt:
-    """Send one delivery batch; an unexpected error fails its recipients, never the agent."""
-    alert = await r.store.get(batch.alert_key)
-    if alert is None:
-        reason = "alert not found in registry"
-    else:
-        try:
-            return await send_batch(
-                batch, alert, contacts=r.contacts, guard=r.guard,
-                providers=r.providers[batch.channel], renderer=r.renderer,
-            )  # fmt: skip
-        except Exception:
-            log.exception("send failed for alert %s", batch.alert_key)
-            reason = "internal error: " + traceback.format_exc(limit=1).splitlines()[-1]
+def _settle(batch: DeliveryBatch, status: DeliveryStatus, reason: str) -> Receipt:
+    """A receipt giving every recipient of the batch the same final status."""
     return Receipt(
         alert_key=batch.alert_key,
         channel=batch.channel,
         provider="none",
-        results=[RecipientResult(r.subscriber_id, "failed", reason) for r in batch.recipients],
+        results=[RecipientResult(x.subscriber_id, status, reason) for x in batch.recipients],
         sent_at=time.time(),
     )
+
+
+async def _send_one(r: Runtime, batch: DeliveryBatch) -> tuple[Receipt, DeliveryBatch | None]:
+    """Send one delivery batch; return its receipt and, if the alert was cancelled
+    meanwhile, the cancellation notice owed to the people this batch just warned.
+
+    An unexpected error fails the batch's recipients, never the agent.
+    """
+    alert = await r.store.get(batch.alert_key)
+    if alert is None:
+        return _settle(batch, "failed", "alert not found in registry"), None
+    if expired(alert, time.time()):
+        return _settle(batch, "expired", "alert expired before it could be sent"), None
+    if await r.store.cancelled_by(batch.alert_key):
+        return _settle(batch, "cancelled", "alert was cancelled before it was sent"), None
+    try:
+        receipt = await send_batch(
+            batch, alert, contacts=r.contacts, guard=r.guard,
+            providers=r.providers[batch.channel], renderer=r.renderer,
+        )  # fmt: skip
+    except Exception:
+        log.exception("send failed for alert %s", batch.alert_key)
+        reason = "internal error: " + traceback.format_exc(limit=1).splitlines()[-1]
+        return _settle(batch, "failed", reason), None
+    languages = {x.subscriber_id: x.language for x in batch.recipients}
+    warned = {x.subscriber_id: languages[x.subscriber_id] for x in receipt.results
+              if x.status == "sent"}  # fmt: skip
+    await r.store.record_warned(batch.alert_key, batch.channel, warned)
+    # Re-check after recording: either the Cancel's fan-out read our record, or we see
+    # its mark here; the notice's idempotency key absorbs the case where both happen.
+    cancel_key = await r.store.cancelled_by(batch.alert_key)
+    if cancel_key and warned:
+        notice = DeliveryBatch(
+            alert_key=cancel_key,
+            channel=batch.channel,
+            recipients=[Recipient(sid, lang) for sid, lang in warned.items()],
+            produced_at=time.time(),
+        )
+        return receipt, notice
+    return receipt, None

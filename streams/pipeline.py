@@ -10,12 +10,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+
+import msgspec
 
 from geofencing.areas import geometry_to_wkb, resolve_alert_geometry, wkb_to_geometry
 from geofencing.gazetteer import Gazetteer
 from streams.cap import CapError, CapLimits, parse_cap
 from streams.hazard_json import parse_hazard_json
+from streams.lifecycle import check_references, expired, parse_references
 from streams.records import (
     CHANNELS,
     Alert,
@@ -58,21 +60,6 @@ class IngestOutcome:
     alerts: list[Alert] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
     duplicates: int = 0
-
-
-def _expired(alert: Alert, now: float) -> bool:
-    """True when every info block has an ``expires`` in the past (CAP: no expires = open)."""
-    if not alert.infos:
-        return False
-    for info in alert.infos:
-        if info.expires is None:
-            return False
-        try:
-            if datetime.fromisoformat(info.expires).timestamp() > now:
-                return False
-        except ValueError:
-            return False  # the parser validated it; be lenient rather than drop an alert
-    return True
 
 
 class Ingestor:
@@ -127,6 +114,10 @@ class Ingestor:
         for alert in alerts:
             alert.received_at = now
             reason, detail = self._route(alert, now)
+            if not reason:
+                reason, detail = await check_references(alert, self.store, now)
+            if not reason and alert.msg_type == "Cancel" and not alert.infos:
+                await self._borrow_infos(alert)
             if reason:
                 outcome.dead.append(self._dead(reason, payload, ctype, source, detail))
                 continue
@@ -137,12 +128,24 @@ class Ingestor:
                 detail = f"identifier {alert.identifier!r} of {alert.sender!r} reused with new sent"
                 outcome.dead.append(self._dead("identifier_reused", payload, ctype, source, detail))
             else:
+                if alert.msg_type == "Cancel":
+                    refs = [ref.key for ref in parse_references(alert)]
+                    await self.store.mark_cancelled(refs, alert.key)
                 outcome.alerts.append(alert)
         return outcome
 
+    async def _borrow_infos(self, alert: Alert) -> None:
+        """A Cancel often has no <info>: tell people what is cancelled with the original's."""
+        for ref in parse_references(alert):
+            earlier = await self.store.get(ref.key)
+            if earlier is not None and earlier.infos:
+                alert.infos = [msgspec.structs.replace(i, areas=[]) for i in earlier.infos]
+                alert.warnings.append(f"no <info>: cancellation text taken from {ref.identifier}")
+                return
+
     def _route(self, alert: Alert, now: float) -> tuple[str, str]:
         """Resolve the alert's geometry in place; return a rejection (reason, detail) or empty."""
-        if _expired(alert, now):
+        if expired(alert, now):
             return "expired", f"alert {alert.identifier!r} expired before it was received"
         geometry, warnings = resolve_alert_geometry(alert, self.gazetteer)
         alert.warnings.extend(warnings)
@@ -206,3 +209,30 @@ def match(
             )
     counts = {c: len(r) for c, r in per_channel.items() if r}
     return batches, counts, subscribers
+
+
+async def cancel_followups(
+    cancel: Alert, store: AlertStore, *, batch_size: int
+) -> list[DeliveryBatch]:
+    """Delivery batches telling everyone already warned by the cancelled alerts.
+
+    The batches carry the Cancel's own key, so the sender's idempotency keys make each
+    notice once per person and channel even when a sender also notices the cancellation
+    right after sending (see ``streams.app``).
+    """
+    batches = []
+    now = time.time()
+    for ref in parse_references(cancel):
+        for channel in CHANNELS:
+            warned = await store.warned(ref.key, channel)
+            recipients = [Recipient(sid, lang) for sid, lang in sorted(warned.items())]
+            for start in range(0, len(recipients), batch_size):
+                batches.append(
+                    DeliveryBatch(
+                        alert_key=cancel.key,
+                        channel=channel,
+                        recipients=recipients[start : start + batch_size],
+                        produced_at=now,
+                    )
+                )
+    return batches

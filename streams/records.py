@@ -177,7 +177,7 @@ class DeliveryBatch(msgspec.Struct):
     produced_at: float = 0.0
 
 
-DeliveryStatus = Literal["sent", "failed", "duplicate", "no_contact"]
+DeliveryStatus = Literal["sent", "failed", "duplicate", "no_contact", "cancelled", "expired"]
 
 
 class RecipientResult(msgspec.Struct, array_like=True):

@@ -9,6 +9,8 @@ and the tests. Keys:
 - ``tocsin:counters:<key>``   hash of counters: ``matched``, ``matched:<channel>``,
                               ``<channel>:<status>`` (sent, failed, duplicate, no_contact)
 - ``tocsin:shards``           hash ``<partition>`` -> subscriptions indexed by that shard
+- ``tocsin:cancelled:<key>``  the key of the Cancel message that withdrew this alert
+- ``tocsin:warned:<key>:<channel>``  hash subscriber id -> language of everyone warned
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import enum
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 
@@ -27,6 +30,8 @@ ALERT_SENT = "tocsin:alert-sent:"
 ALERTS = "tocsin:alerts"
 COUNTERS = "tocsin:counters:"
 SHARDS = "tocsin:shards"
+CANCELLED = "tocsin:cancelled:"
+WARNED = "tocsin:warned:"
 
 _alert_decoder = decoder(Alert)
 
@@ -141,6 +146,31 @@ class AlertStore:
     async def progress(self, key: str, partitions: int) -> Progress:
         """How far one alert has got: matched by every shard, and every recipient settled."""
         return Progress.from_counters(await self.counters(key), partitions)
+
+    async def mark_cancelled(self, keys: list[str], cancel_key: str) -> None:
+        """Record that a Cancel (``cancel_key``) withdrew the alerts ``keys``."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.set(CANCELLED + key, cancel_key, ex=self.ttl_s)
+            await pipe.execute()
+
+    async def cancelled_by(self, key: str) -> str | None:
+        """The Cancel message's key if this alert was withdrawn, else None."""
+        raw = await self.redis.get(CANCELLED + key)
+        return _s(raw) if raw is not None else None
+
+    async def record_warned(self, key: str, channel: str, warned: Mapping[str, str]) -> None:
+        """Remember who was warned on a channel (subscriber -> language) for a later Cancel."""
+        if warned:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hset(WARNED + f"{key}:{channel}", mapping=cast(dict[Any, Any], warned))
+                pipe.expire(WARNED + f"{key}:{channel}", self.ttl_s)
+                await pipe.execute()
+
+    async def warned(self, key: str, channel: str) -> dict[str, str]:
+        """Everyone warned about an alert on a channel, with their language."""
+        raw = await self.redis.hgetall(WARNED + f"{key}:{channel}")
+        return {_s(k): _s(v) for k, v in raw.items()}
 
     async def set_shard_size(self, partition: int, size: int) -> None:
         """Publish how many subscriptions one shard holds (for readiness and the console)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -44,3 +45,34 @@ def test_dev_stack_delivers_the_replayed_alerts_within_a_minute_and_stops_cleanl
     ports = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", output)]
     assert ports, output[-2000:]
     assert not [p for p in set(ports) if port_open(p)]
+
+
+def test_ctrl_c_stops_the_worker_and_every_service(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("KAFKA_BOOTSTRAP_SERVERS", "REDIS_URL") and not k.startswith("TOCSIN_")}
+    env["COLUMNS"] = "160"
+    log = tmp_path / "dev.out"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ops.cli", "dev", "--citizens", "500"],
+            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while "running" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.1)
+        assert "running" in log.read_text(), log.read_text()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = log.read_text()
+    pids = [int(p) for p in re.findall(r"worker pid (\d+)", output)]
+    ports = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", output)]
+    assert pids and ports
+    assert not [p for p in set(ports) if port_open(p)], "a service still listens"
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(
+            f"/proc/{pid}/status").read_text().lower(), "the worker still runs"

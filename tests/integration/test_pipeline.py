@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from tests.integration.pipeline_helpers import (
     running_worker,
     wait_delivered,
     wait_indexed,
+    wait_until,
 )
 
 pytestmark = pytest.mark.integration
@@ -253,3 +255,78 @@ def test_republishing_the_same_cap_message_delivers_nothing_twice(
     lines = read_outbox(settings.outbox_path)
     storm = [(x["subscriber_id"], x["channel"]) for x in lines if x["alert_key"] == STORM_KEY]
     assert len(storm) == 40 and len(set(storm)) == 40
+
+
+CANCEL = """<?xml version="1.0" encoding="UTF-8"?>
+<alert xmlns="urn:oasis:names:tc:emergency:cap:1.2">
+  <identifier>{identifier}</identifier>
+  <sender>KSTO@NWS.NOAA.GOV</sender>
+  <sent>{sent}</sent>
+  <status>Actual</status>
+  <msgType>Cancel</msgType>
+  <scope>Public</scope>
+  <references>{references}</references>
+</alert>"""
+
+
+def cancel_for(identifier: str, references: str) -> bytes:
+    sent = datetime.now(UTC).replace(microsecond=0).isoformat()
+    return CANCEL.format(identifier=identifier, sent=sent, references=references).encode()
+
+
+def test_a_cancel_reaches_everyone_already_warned_and_unknown_references_are_rejected(
+    broker: str, redis_url: str, tmp_path: Path, data_dir: Path
+) -> None:
+    settings = settings_for(broker, redis_url, tmp_path, data_dir)
+    subs = [
+        Subscription(
+            id=f"w{i}",
+            kind="place",
+            lon=-119.95 + i * 0.001,
+            lat=38.47,
+            channels=["sms", "email"],
+            language="es" if i % 2 else "en",
+        )  # type: ignore[list-item]
+        for i in range(10)
+    ] + [Subscription(id="far", kind="place", lon=-100.0, lat=40.0, channels=["sms"])]
+    contacts = {
+        s.id: Contact(phone=f"+1555{i:07d}", email=f"{s.id}@example.org")
+        for i, s in enumerate(subs)
+    }
+    storm = storm_bytes(data_dir)
+    storm_sent = re.search(rb"<sent>([^<]+)</sent>", storm).group(1).decode()  # type: ignore[union-attr]
+    cancel = cancel_for("KSTO-cancel-1", f"KSTO@NWS.NOAA.GOV,KSTO1055887203,{storm_sent}")
+    orphan = cancel_for("KSTO-cancel-2", "KSTO@NWS.NOAA.GOV,never-sent,2020-01-01T00:00:00-00:00")
+    cancel_key = alert_key("KSTO@NWS.NOAA.GOV", "KSTO-cancel-1")
+
+    async def scenario() -> list[DeadLetter]:
+        async with running_worker(settings, tmp_path) as worker:
+            await load(settings, subs, contacts)
+            await wait_indexed(settings, len(subs), worker)
+            await publish(settings, (storm, "application/cap+xml"))
+            await wait_delivered(settings, STORM_KEY, worker)
+            await publish(
+                settings, (orphan, "application/cap+xml"), (cancel, "application/cap+xml")
+            )
+
+            async def notices_out() -> bool:
+                lines = read_outbox(settings.outbox_path)
+                return sum(x["alert_key"] == cancel_key for x in lines) >= 20
+
+            await wait_until(notices_out, 60, "cancellation notices", worker.log())
+            records = await read_topic(broker, settings.topic(HAZARDS_DLQ), expected=1)
+        return [decoder(DeadLetter).decode(r.value) for r in records]
+
+    letters = asyncio.run(scenario())
+    assert [x.reason for x in letters] == ["unknown_reference"]
+    assert "never-sent" in letters[0].detail
+    lines = read_outbox(settings.outbox_path)
+    notices = [x for x in lines if x["alert_key"] == cancel_key]
+    assert sorted((x["subscriber_id"], x["channel"]) for x in notices) == sorted(
+        (s.id, c) for s in subs[:10] for c in ("sms", "email")
+    )
+    assert all("far" != x["subscriber_id"] for x in lines)
+    # The storm has English text only, so everyone gets the English notice, which names
+    # what was cancelled.
+    assert all("CANCELLED" in x["body"] for x in notices)
+    assert all("SEVERE THUNDERSTORM" in x["body"].upper() for x in notices)

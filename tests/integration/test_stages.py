@@ -36,7 +36,9 @@ def now_bytes(data_dir: Path, rel: str) -> bytes:
 async def test_a_live_cap_alert_is_accepted_with_its_area_resolved(
     ingestor: Ingestor, data_dir: Path
 ) -> None:
-    outcome = await ingestor.ingest(now_bytes(data_dir, STORM), {"content-type": b"application/cap+xml"})
+    outcome = await ingestor.ingest(
+        now_bytes(data_dir, STORM), {"content-type": b"application/cap+xml"}
+    )
     assert not outcome.dead
     [alert] = outcome.alerts
     assert alert.identifier == "KSTO1055887203" and alert.geometry_wkb
@@ -79,7 +81,9 @@ async def test_an_alert_with_no_routable_area_goes_to_the_dlq(ingestor: Ingestor
         "category": "Met",
         "area": {"geocodes": [{"valueName": "SAME", "value": "999999"}]},
     }  # fmt: skip
-    outcome = await ingestor.ingest(json.dumps(event).encode(), {"content-type": b"application/json"})
+    outcome = await ingestor.ingest(
+        json.dumps(event).encode(), {"content-type": b"application/json"}
+    )
     assert [d.reason for d in outcome.dead] == ["no_routable_area"]
     assert "999999" in outcome.dead[0].detail
 
@@ -132,3 +136,42 @@ def test_a_malformed_subscription_record_is_rejected_not_fatal() -> None:
     other = encode(Subscription(id="b", kind="place", lon=1, lat=1))
     assert shard.apply("a", other) == "subscription id does not match the record key"
     assert shard.subscriptions == {} and shard.rejected == 2
+
+
+async def test_update_and_cancel_must_reference_a_known_unexpired_alert(
+    ingestor: Ingestor, data_dir: Path
+) -> None:
+    sent = datetime.now(UTC).replace(microsecond=0)
+    template = (
+        '<alert xmlns="urn:oasis:names:tc:emergency:cap:1.2"><identifier>{i}</identifier>'
+        "<sender>s@example.org</sender><sent>{sent}</sent><status>Actual</status>"
+        "<msgType>{t}</msgType><scope>Public</scope>{refs}"
+        "<info><category>Met</category><event>Flood</event><urgency>Immediate</urgency>"
+        "<severity>Severe</severity><certainty>Observed</certainty><expires>{exp}</expires>"
+        "<area><areaDesc>x</areaDesc><geocode><valueName>SAME</valueName>"
+        "<value>006075</value></geocode></area></info></alert>"
+    )
+
+    def cap(i: str, t: str, refs: str = "", exp: datetime | None = None) -> bytes:
+        expires = (exp or sent + timedelta(hours=1)).isoformat()
+        ref_xml = f"<references>{refs}</references>" if refs else ""
+        return template.format(i=i, sent=sent.isoformat(), t=t, refs=ref_xml, exp=expires).encode()
+
+    first = await ingestor.ingest(cap("a1", "Alert"), {})
+    assert first.alerts
+    update = await ingestor.ingest(cap("a2", "Update", f"s@example.org,a1,{sent.isoformat()}"), {})
+    assert update.alerts and not update.dead
+    orphan = await ingestor.ingest(
+        cap("a3", "Update", "s@example.org,zz,2020-01-01T00:00:00-00:00"), {}
+    )
+    assert [d.reason for d in orphan.dead] == ["unknown_reference"]
+    # An alert that has expired since it was registered cannot be updated any more.
+    short = await ingestor.ingest(cap("b1", "Alert", exp=sent + timedelta(seconds=1)), {})
+    assert short.alerts
+    ingestor.clock = lambda: time.time() + 5
+    late = await ingestor.ingest(cap("b2", "Cancel", f"s@example.org,b1,{sent.isoformat()}"), {})
+    assert [d.reason for d in late.dead] == ["reference_expired"]
+    # A Cancel marks what it references as cancelled.
+    cancel = await ingestor.ingest(cap("a4", "Cancel", f"s@example.org,a2,{sent.isoformat()}"), {})
+    assert cancel.alerts
+    assert await ingestor.store.cancelled_by(update.alerts[0].key) == cancel.alerts[0].key
