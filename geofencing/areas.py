@@ -25,6 +25,7 @@ from typing import Protocol
 import msgspec
 import numpy as np
 import shapely
+from shapely.geometry import shape
 from shapely.geometry.base import BaseGeometry
 
 from geofencing.geodesy import geodesic_circle, polygonal, split_antimeridian
@@ -38,7 +39,7 @@ class GeocodeLookup(Protocol):
 
 
 def geometry_to_wkb(geom: BaseGeometry) -> bytes:
-    """Serialise a geometry as (ISO, little-endian) WKB for ``Alert.geometry_wkb``."""
+    """Serialise a geometry as little-endian 2D WKB for ``Alert.geometry_wkb``."""
     return bytes(shapely.to_wkb(geom, byte_order=1))
 
 
@@ -92,9 +93,37 @@ def polygon_from_ring(
     return result, warnings
 
 
-def resolve_area(area: Area, gazetteer: GeocodeLookup, label: str = "area") -> tuple[
-    BaseGeometry | None, list[str]
-]:
+def geojson_to_geometry(data: object) -> tuple[BaseGeometry | None, str]:
+    """A valid polygonal WGS84 geometry from a GeoJSON geometry (or Feature) mapping.
+
+    Returns ``(None, reason)`` for malformed GeoJSON, coordinates out of range, or a
+    geometry without area (points, lines, collapsed rings). Invalid polygons are repaired
+    with ``make_valid``; longitudes beyond +-180 are folded back and split there.
+    """
+    if isinstance(data, dict) and data.get("type") == "Feature":
+        data = data.get("geometry")
+    try:
+        geom = shape(data)
+    except Exception as exc:  # shapely raises a zoo of types on bad GeoJSON
+        return None, f"invalid GeoJSON geometry: {exc}"
+    if geom.is_empty:
+        return None, "empty geometry"
+    xmin, ymin, xmax, ymax = geom.bounds
+    if not np.isfinite(geom.bounds).all() or ymin < -90.0 or ymax > 90.0:
+        return None, "coordinates out of range"
+    if not geom.is_valid:
+        geom = shapely.make_valid(geom)
+    poly = polygonal(geom)
+    if poly is None or poly.area <= 0.0:
+        return None, "geometry has no area"
+    if xmin < -180.0 or xmax > 180.0:
+        poly = split_antimeridian(poly)
+    return poly, ""
+
+
+def resolve_area(
+    area: Area, gazetteer: GeocodeLookup, label: str = "area"
+) -> tuple[BaseGeometry | None, list[str]]:
     """Resolve one CAP ``<area>`` (see the module docstring for the precedence rules)."""
     warnings: list[str] = []
     shapes: list[BaseGeometry] = []

@@ -12,6 +12,14 @@ US county codes (:meth:`Gazetteer.load_us_counties`):
   subdivision geometries, so **P=1..9 resolves to the whole county** (over-warning a part
   of a county beats not warning it). ``CCC=000`` means the whole state and resolves to the
   union of that state's counties.
+
+More layers (:func:`standard_gazetteer` loads every one present under ``data/geodata``):
+
+* ``UGC:SSZnnn`` - NWS public forecast and marine zones (:meth:`Gazetteer.load_ugc_zones`,
+  a simplified copy of the NWS zone shapefiles, see ``data/geodata/simplify_layers.py``).
+  County-type UGC codes ``SSCnnn`` resolve through the county layer: ``SS`` is the
+  USPS state abbreviation and ``nnn`` the county FIPS (``NVC013`` -> ``FIPS:32013``).
+* ``EMMA_ID:CCnnn`` - MeteoAlarm warning regions (35 European countries).
 """
 
 from __future__ import annotations
@@ -29,6 +37,19 @@ from shapely.geometry.base import BaseGeometry
 from geofencing.geodesy import polygonal
 
 US_COUNTIES_FILE = "us_counties_fips_plotly.geojson"
+UGC_ZONES_FILE = "nws_ugc_zones_simplified.geojson"
+EMMA_ID_FILE = "meteoalarm_emma_id_simplified.geojson"
+
+# USPS abbreviation -> state FIPS, for county-type UGC codes (SSCnnn). Territories too.
+_STATE_FIPS = dict(
+    zip(
+        "AL AK AZ AR CA CO CT DE DC FL GA HI ID IL IN IA KS KY LA ME MD MA MI MN MS MO MT NE NV "
+        "NH NJ NM NY NC ND OH OK OR PA RI SC SD TN TX UT VT VA WA WV WI WY AS GU MP PR VI".split(),
+        "01 02 04 05 06 08 09 10 11 12 13 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 "
+        "33 34 35 36 37 38 39 40 41 42 44 45 46 47 48 49 50 51 53 54 55 56 60 66 69 72 78".split(),
+        strict=True,
+    )
+)
 
 _HAVE_ARROW = importlib.util.find_spec("pyarrow") is not None
 # Schemes whose 6-digit values follow the SAME ``PSSCCC`` layout.
@@ -107,6 +128,14 @@ class Gazetteer:
             gaz._states.setdefault(fips[:2], []).append(geom)
         return gaz
 
+    def load_ugc_zones(self, path: str | Path) -> int:
+        """Register an NWS zone layer whose feature ``id`` is the UGC code (``ORZ006``)."""
+        return self.add_layer(path, "UGC", "id")
+
+    def load_emma_id(self, path: str | Path) -> int:
+        """Register a MeteoAlarm region layer whose feature ``id`` is the EMMA_ID code."""
+        return self.add_layer(path, "EMMA_ID", "id")
+
     # -- lookups ------------------------------------------------------------------------
 
     def lookup(self, value_name: str, value: str) -> BaseGeometry | None:
@@ -114,8 +143,12 @@ class Gazetteer:
         scheme = value_name.strip().upper()
         value = _normalise_value(scheme, value)
         geom = self._codes.get(f"{scheme}:{value}")
-        if geom is not None or scheme not in _SAME_LIKE:
+        if geom is not None:
             return geom
+        if scheme == "UGC":
+            return self._ugc_county(value)
+        if scheme not in _SAME_LIKE:
+            return None
         if len(value) != 6 or not value.isdigit():
             return None
         if value[0] != "0":  # county subdivision -> whole county (documented above)
@@ -132,6 +165,13 @@ class Gazetteer:
         if not sep:
             return None
         return self.lookup(scheme, value)
+
+    def _ugc_county(self, value: str) -> BaseGeometry | None:
+        """County-type UGC ``SSCnnn`` -> the county with FIPS state(SS) + nnn."""
+        state = _STATE_FIPS.get(value[:2])
+        if len(value) != 6 or value[2] != "C" or state is None or not value[3:].isdigit():
+            return None
+        return self._codes.get(f"FIPS:{state}{value[3:]}")
 
     def _state(self, state_fips: str) -> BaseGeometry | None:
         """Union of a state's counties, computed once on first use."""
@@ -196,3 +236,30 @@ def default_gazetteer(data_dir: Path) -> Gazetteer:
     read-only.
     """
     return _cached_gazetteer(Path(data_dir).resolve())
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_standard(data_dir: Path) -> Gazetteer:
+    gaz = Gazetteer()
+    Gazetteer.load_us_counties(_find(data_dir, US_COUNTIES_FILE), into=gaz)
+    for name, load in ((UGC_ZONES_FILE, gaz.load_ugc_zones), (EMMA_ID_FILE, gaz.load_emma_id)):
+        path = data_dir / "geodata" / name
+        if path.exists():
+            load(path)
+    return gaz
+
+
+def _find(data_dir: Path, name: str) -> Path:
+    for candidate in (data_dir / "geodata" / name, data_dir / name):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(f"no {name} under {data_dir} or {data_dir}/geodata")
+
+
+def standard_gazetteer(data_dir: Path) -> Gazetteer:
+    """US counties plus every optional layer present in ``data_dir/geodata`` (UGC, EMMA_ID).
+
+    Loaded once per resolved path (about 0.5 s more than :func:`default_gazetteer`, which
+    stays counties-only for callers that want exactly that). Shared: treat as read-only.
+    """
+    return _cached_standard(Path(data_dir).resolve())

@@ -1,10 +1,10 @@
 """Geodesic helpers: circles on the WGS84 ellipsoid and point-to-area distances in metres.
 
 Everything here works in WGS84 longitude/latitude degrees (GeoJSON axis order). Shapely
-itself is planar, so anything that involves metres goes through ``pyproj``:
+itself is planar, so anything that involves metres is geodesic:
 
-* :func:`geodesic_circle` walks ``Geod.fwd`` around the centre (vectorised over the
-  bearings) and splits the result at the antimeridian / closes it over a pole.
+* :func:`geodesic_circle` walks ``pyproj.Geod.fwd`` around the centre (vectorised over
+  the bearings) and splits the result at the antimeridian / closes it over a pole.
 * :class:`LocalFrame` is an azimuthal-equidistant frame centred on an area, in which
   planar shapely distances are geodesic distances to within a documented error bound;
   :func:`within_distance` / :func:`geodesic_distance` use it vectorised over points.
@@ -34,9 +34,14 @@ _E2: Final = GEOD.es
 M_PER_DEG_LAT_MIN: Final = 110_000.0
 M_PER_DEG_LON_EQ_MIN: Final = 111_000.0
 
+_M2_PER_DEG2: Final = (math.pi / 180.0 * 6_371_008.8) ** 2  # mean-radius sphere
+
 # A CAP circle larger than a quarter meridian (~10 002 km) would contain both poles or be
 # concave on the sphere; such a circle is not a meaningful alert area, so we clamp to this.
 MAX_CIRCLE_RADIUS_M: Final = 10_000_000.0
+
+# Max edge length (degrees) before projecting an area into a LocalFrame (see .project).
+DENSIFY_DEG: Final = 0.1
 
 WORLD: Final = shapely.box(-180.0, -90.0, 180.0, 90.0)
 
@@ -56,9 +61,7 @@ def polygonal(geom: BaseGeometry | None) -> BaseGeometry | None:
         return None
     if geom.geom_type in ("Polygon", "MultiPolygon"):
         return geom
-    parts = [
-        p for p in shapely.get_parts(geom) if p.geom_type in ("Polygon", "MultiPolygon")
-    ]
+    parts = [p for p in shapely.get_parts(geom) if p.geom_type in ("Polygon", "MultiPolygon")]
     if not parts:
         return None
     merged = shapely.union_all(parts)
@@ -80,14 +83,12 @@ def split_antimeridian(geom: BaseGeometry) -> BaseGeometry:
         window = shapely.box(-180.0 + shift, -90.0, 180.0 + shift, 90.0)
         piece = polygonal(shapely.intersection(geom, window))
         if piece is not None:
-            parts.append(shapely.transform(piece, lambda xy, s=shift: xy - (s, 0.0)))
+            parts.append(shapely.transform(piece, lambda xy, s=shift: xy - np.array([s, 0.0])))
     merged = polygonal(shapely.union_all(parts))
     return geom if merged is None else merged
 
 
-def geodesic_circle(
-    lon: float, lat: float, radius_m: float, *, segments: int = 64
-) -> BaseGeometry:
+def geodesic_circle(lon: float, lat: float, radius_m: float, *, segments: int = 64) -> BaseGeometry:
     """A polygon approximating the geodesic circle of ``radius_m`` metres around a point.
 
     * Vertices come from ``Geod.fwd`` over ``segments`` bearings and are pushed out by
@@ -119,9 +120,7 @@ def geodesic_circle(
 
     bearings = np.linspace(0.0, 360.0, n, endpoint=False)
     reach = radius_m / math.cos(math.pi / n)
-    lons, lats, _ = GEOD.fwd(
-        np.full(n, lon), np.full(n, lat), bearings, np.full(n, reach)
-    )
+    lons, lats, _ = GEOD.fwd(np.full(n, lon), np.full(n, lat), bearings, np.full(n, reach))
     lons = np.asarray(lons, dtype=np.float64)
     lats = np.clip(np.asarray(lats, dtype=np.float64), -90.0, 90.0)
 
@@ -178,6 +177,48 @@ def degree_margins(radius_m: float, max_abs_lat: float) -> tuple[float, float]:
     return min(dlon, 360.0), dlat
 
 
+def approx_area_m2(geoms: npt.ArrayLike) -> FloatArray:
+    """Approximate areas in m2 of lon/lat geometries: planar deg2 scaled by cos(centroid
+    latitude) on the mean-radius sphere. Within ~1 % for county-sized shapes; meant for
+    thresholds (sliver tolerances), not for reporting."""
+    arr = np.asarray(geoms, dtype=object)
+    lat = shapely.get_y(shapely.centroid(arr))
+    scale = _M2_PER_DEG2 * np.cos(np.radians(np.nan_to_num(lat)))
+    return np.asarray(shapely.area(arr) * scale, dtype=np.float64)
+
+
+def covering_boxes(
+    geom: BaseGeometry, radius_m: float = 0.0
+) -> list[tuple[float, float, float, float]]:
+    """Lon/lat boxes (within +-180) covering ``geom`` grown by ``radius_m`` metres.
+
+    The growth uses :func:`degree_margins` at the geometry's highest latitude, so the
+    boxes contain every point within ``radius_m`` of ``geom``. A geometry split at the
+    antimeridian gets one box per side instead of a globe-wide one, and a grown box that
+    spills over +-180 is wrapped into two.
+    """
+    bounds = shapely.bounds(shapely.get_parts(geom))
+    groups = [bounds]
+    if bounds[:, 2].max() - bounds[:, 0].min() > 180.0:
+        east = (bounds[:, 0] + bounds[:, 2]) >= 0.0
+        groups = [b for b in (bounds[east], bounds[~east]) if len(b)]
+    dlon, dlat = degree_margins(radius_m, float(np.abs(bounds[:, [1, 3]]).max()))
+    boxes: list[tuple[float, float, float, float]] = []
+    for g in groups:
+        x0, x1 = float(g[:, 0].min()) - dlon, float(g[:, 2].max()) + dlon
+        y0 = max(-90.0, float(g[:, 1].min()) - dlat)
+        y1 = min(90.0, float(g[:, 3].max()) + dlat)
+        if x1 - x0 >= 360.0:
+            boxes.append((-180.0, y0, 180.0, y1))
+        elif x0 < -180.0:
+            boxes += [(x0 + 360.0, y0, 180.0, y1), (-180.0, y0, x1, y1)]
+        elif x1 > 180.0:
+            boxes += [(-180.0, y0, x1 - 360.0, y1), (x0, y0, 180.0, y1)]
+        else:
+            boxes.append((x0, y0, x1, y1))
+    return boxes
+
+
 def area_centre(geom: BaseGeometry) -> tuple[float, float]:
     """A (lon, lat) centre for ``geom`` that is sensible across the antimeridian.
 
@@ -187,7 +228,7 @@ def area_centre(geom: BaseGeometry) -> tuple[float, float]:
     xmin, _, xmax, _ = geom.bounds
     if xmax - xmin > 180.0:
         shifted = shapely.transform(
-            geom, lambda xy: np.where(xy[:, :1] < 0.0, xy + (360.0, 0.0), xy)
+            geom, lambda xy: np.where(xy[:, :1] < 0.0, xy + np.array([360.0, 0.0]), xy)
         )
         sxmin, _, sxmax, _ = shifted.bounds
         if sxmax - sxmin < xmax - xmin:
@@ -200,29 +241,26 @@ def area_centre(geom: BaseGeometry) -> tuple[float, float]:
 class LocalFrame:
     """Azimuthal-equidistant frame (metres) centred on ``(lon0, lat0)``.
 
-    Implementation: PROJ's *spherical* ``aeqd`` on the unit sphere, then an affine scaling
-    of x by the ellipsoid's prime-vertical radius N(lat0) and of y by its meridional radius
-    M(lat0). At the centre this reproduces the WGS84 metric exactly; away from it the
-    relative distance error is about ``rho**2 / (6 R**2) + e**2 * rho / R`` for points at
-    ``rho`` from the centre: ~1e-4 within 100 km (a county: < 1 m on a 10 km radius) and
-    ~2e-3 within 600 km (a large state: ~10 m on 5 km). We use the spherical form because
-    PROJ's ellipsoidal aeqd costs ~0.7 us a point against ~0.1 us, and the matcher projects
-    thousands of candidates per alert.
+    Implementation: the *spherical* azimuthal-equidistant projection on the unit sphere
+    (the formulas of PROJ's ``+proj=aeqd +R=1``, evaluated in numpy), then x scaled by the
+    ellipsoid's prime-vertical radius N(lat0) and y by its meridional radius M(lat0). At the
+    centre this reproduces the WGS84 metric exactly; away from it the relative distance
+    error is about ``rho**2 / (6 R**2) + e**2 * rho / R`` for points ``rho`` from the
+    centre: ~1e-4 within 100 km (a county: < 1 m on a 10 km radius) and ~2e-3 within
+    600 km (a large state: ~10 m on 5 km). Why not PROJ's ellipsoidal aeqd: it costs
+    ~0.7 us a point, and creating a pyproj transformer ~0.1 ms per alert; this costs
+    ~0.03 us a point and nothing to create, and the matcher projects thousands of
+    candidates per alert.
     """
 
     def __init__(self, lon0: float, lat0: float) -> None:
         self.lon0 = float(lon0)
         self.lat0 = float(lat0)
-        s = math.sin(math.radians(self.lat0))
-        w = math.sqrt(1.0 - _E2 * s * s)
-        n_radius = _A / w
-        m_radius = _A * (1.0 - _E2) / w**3
-        self._transformer = pyproj.Transformer.from_pipeline(
-            "+proj=pipeline"
-            " +step +proj=unitconvert +xy_in=deg +xy_out=rad"
-            f" +step +proj=aeqd +lat_0={self.lat0!r} +lon_0={self.lon0!r} +R=1"
-            f" +step +proj=affine +s11={n_radius!r} +s22={m_radius!r}"
-        )
+        phi0 = math.radians(self.lat0)
+        self._sin0, self._cos0 = math.sin(phi0), math.cos(phi0)
+        w = math.sqrt(1.0 - _E2 * self._sin0**2)
+        self.n_radius = _A / w  # prime vertical: east-west metres per radian at lat0
+        self.m_radius = _A * (1.0 - _E2) / w**3  # meridional: north-south
 
     @classmethod
     def for_geometry(cls, geom: BaseGeometry) -> LocalFrame:
@@ -231,13 +269,29 @@ class LocalFrame:
 
     def forward(self, lon: npt.ArrayLike, lat: npt.ArrayLike) -> tuple[FloatArray, FloatArray]:
         """Project lon/lat degree arrays to x/y metres."""
-        x, y = self._transformer.transform(
-            np.asarray(lon, dtype=np.float64), np.asarray(lat, dtype=np.float64)
-        )
-        return np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        phi = np.radians(np.asarray(lat, dtype=np.float64))
+        dlam = np.radians(np.asarray(lon, dtype=np.float64) - self.lon0)
+        sin_p, cos_p, cos_l = np.sin(phi), np.cos(phi), np.cos(dlam)
+        # Unit vector components: u = east, v = north (seen from the centre), so that
+        # hypot(u, v) = sin(c) and the dot product = cos(c) for angular distance c.
+        u = cos_p * np.sin(dlam)
+        v = self._cos0 * sin_p - self._sin0 * cos_p * cos_l
+        sin_c = np.hypot(u, v)
+        c = np.arctan2(sin_c, self._sin0 * sin_p + self._cos0 * cos_p * cos_l)
+        k = np.divide(c, sin_c, out=np.ones_like(c), where=sin_c > 0.0)
+        return k * u * self.n_radius, k * v * self.m_radius
 
     def project(self, geom: BaseGeometry) -> BaseGeometry:
-        """Project every vertex of ``geom`` (edges stay straight in the frame)."""
+        """Project ``geom`` into the frame.
+
+        Shapely (and so every inside test here) treats an edge as straight in lon/lat.
+        Projecting only the vertices would turn it into a straight line in the frame,
+        i.e. roughly a geodesic, which bows poleward of a lon/lat-straight edge (23 m for
+        a 0.5-degree edge along the 65th parallel; it grows with the edge length squared).
+        So we densify to DENSIFY_DEG (0.1 degree) first: the remaining bow is < 1.5 m at
+        any latitude, and more vertices would slow the per-point distance tests.
+        """
+        geom = shapely.segmentize(geom, DENSIFY_DEG)
 
         def _fwd(xy: FloatArray) -> FloatArray:
             x, y = self.forward(xy[:, 0], xy[:, 1])

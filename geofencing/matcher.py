@@ -1,33 +1,30 @@
 """Match an alert area against every subscription at once.
 
-:class:`SubscriptionIndex` is built once from the ``subscriptions`` table and never
-mutated; rebuild (or build a delta index) when subscriptions change.
+:class:`SubscriptionIndex` is built once from the subscriptions and never mutated.
 
-**Places** (``kind="place"``) live in numpy arrays ``lon``/``lat``/``radius_m`` sorted by a
-Morton (Z-order) code on a 2^24 x 2^24 lon/lat grid, so every quadtree cell is one
-contiguous slice found with ``np.searchsorted``. A query walks the quadtree from the cells
-covering the area's bounding box (expanded by the largest radius, converted conservatively
-to degrees): empty cells cost nothing, cells wholly inside the area are accepted as whole
-slices without touching their points, cells that cannot come within the largest radius of
-the area are dropped, and only points in boundary cells (or cells of <= 64 points) reach
-the exact predicate. A place matches when its geodesic distance to the area is <=
-``radius_m``: ``shapely.intersects_xy`` (inside or on the boundary) and, for the rest
-with a radius, ``shapely.dwithin`` in an azimuthal-equidistant frame centred on the area
-(error bound in :class:`geofencing.geodesy.LocalFrame`: ~1e-4 of the radius for county-
-sized areas). No Python loop runs over subscribers.
+**Places** sit in numpy arrays ``lon``/``lat``/``radius_m`` sorted by (radius class, Morton
+code on a 2^24 x 2^24 lon/lat grid), so every quadtree cell of a class is one contiguous
+slice found with ``np.searchsorted``. This generalises a bounding-box prefilter: a query
+starts from the cells covering the area's bbox grown by each class's largest radius
+(converted conservatively to degrees at that latitude, see ``covering_boxes``) and walks
+down, all classes and cells vectorised per depth. Cells wholly inside the area are accepted
+as whole slices without touching their points; cells beyond the class radius are dropped;
+only points in boundary cells reach the exact predicate. A place matches when its geodesic
+distance to the area is <= ``radius_m``: ``shapely.intersects_xy`` (inside or on the
+boundary), then for the rest with a radius ``shapely.dwithin`` in an azimuthal-equidistant
+frame centred on the area (error ~1e-4 of the radius for county-sized areas, see
+:class:`geofencing.geodesy.LocalFrame`). No Python loop runs over subscribers.
 
-**Zones** (``kind="zone"``: a gazetteer code or a custom GeoJSON geometry) are
-deduplicated by geometry and put in a ``shapely.STRtree``. A zone matches when its
-interior overlaps the area's interior by more than a sliver: the overlap, in approximate
-m2, must exceed ``ZONE_OVERLAP_REL_TOL`` (1e-4) of the smaller of the two areas and
-``ZONE_OVERLAP_MIN_M2`` (1 m2). Zones that only share a border (overlap 0) never match,
-nor does a 25-hectare sliver between two 2 500 km2 counties whose borders were digitised
-differently; yet a small alert lying inside a huge zone does match, because the tolerance
-scales with the *smaller* area.
+**Zones** (a gazetteer code or a custom GeoJSON geometry) are deduplicated by geometry into
+a ``shapely.STRtree``. A zone matches when its interior overlaps the area's interior by
+more than a sliver: overlap (approx. m2) > max(1 m2, 1e-4 x the smaller of the two areas).
+Zones that only share a border (overlap 0) never match, nor does a 0.25 km2 sliver between
+two 2 500 km2 counties digitised differently; a small alert inside a huge zone still
+matches because the tolerance scales with the *smaller* area.
 
-Match results are integer positions into :attr:`SubscriptionIndex.subscriptions` (places
-first, in Morton order, then zones grouped by geometry); :meth:`SubscriptionIndex.match`
-turns them into subscriber ids and :meth:`SubscriptionIndex.records` into records.
+Results are integer positions into :attr:`SubscriptionIndex.subscriptions` (places first,
+then zones grouped by geometry); :meth:`~SubscriptionIndex.match` gives subscriber ids and
+:meth:`~SubscriptionIndex.records` the records (channels, language, ...).
 """
 
 from __future__ import annotations
@@ -35,38 +32,33 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import numpy as np
 import numpy.typing as npt
 import shapely
-from shapely.geometry import shape
 from shapely.geometry.base import BaseGeometry
 
-from geofencing.geodesy import (
-    degree_margins,
-    polygonal,
-    split_antimeridian,
-    within_distance,
-    wrap_lon,
-)
+from geofencing.areas import geojson_to_geometry
+from geofencing.geodesy import LocalFrame, approx_area_m2, covering_boxes, polygonal, wrap_lon
 from streams.records import CHANNELS, Subscription
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
+AnyFloats = npt.NDArray[np.floating[Any]]
 CodeArray = npt.NDArray[np.uint64]
 
 LEVELS: Final = 24  # quadtree depth: finest cell 360/2**24 deg of lon (~2 m)
-LEAF_POINTS: Final = 64  # cells this small go straight to the exact predicate
+LEAF_POINTS: Final = 64  # radius-0 cells this small go to the exact predicate
+LEAF_POINTS_RADIUS: Final = 32  # same for radius classes
 ZONE_OVERLAP_REL_TOL: Final = 1e-4
 ZONE_OVERLAP_MIN_M2: Final = 1.0
-_M2_PER_DEG2: Final = (math.pi / 180.0 * 6_371_008.8) ** 2  # mean-radius sphere
 _EPS: Final = 1e-9  # degrees: cells grow by this before "wholly inside" so rounding can't lie
 # Places are grouped by radius class (upper bounds, metres; class 0 is radius 0) ahead of
 # the Morton code, so a walk only widens its search by the radii actually in each class.
-RADIUS_CLASSES_M: Final = np.array([0.0, 500.0, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 1e6])
+RADIUS_CLASSES_M: Final = np.array([0.0, 1e3, 5e3, 2e4, 1e5, 1e6])
 _BUCKET_SHIFT: Final = 2 * LEVELS
-_START_EXTRA: Final = 2  # start 2 levels below the one whose cell covers the box
+_START_EXTRA: Final = 3  # start 3 levels below the one whose cell covers the box
 
 
 class ZoneLookup(Protocol):
@@ -81,15 +73,6 @@ class Unresolved:
 
     id: str
     reason: str
-
-
-def approx_area_m2(geoms: npt.ArrayLike) -> FloatArray:
-    """Approximate areas in m2 of lon/lat geometries (planar deg2 scaled at the centroid
-    latitude). Within ~1 % for county-sized shapes; only used for sliver thresholds."""
-    arr = np.asarray(geoms, dtype=object)
-    lat = shapely.get_y(shapely.centroid(arr))
-    scale = _M2_PER_DEG2 * np.cos(np.radians(np.nan_to_num(lat)))
-    return np.asarray(shapely.area(arr) * scale, dtype=np.float64)
 
 
 def _spread(v: CodeArray) -> CodeArray:
@@ -127,46 +110,14 @@ def _ranges_to_index(starts: IntArray, stops: IntArray) -> IntArray:
     return np.arange(total, dtype=np.int64) - np.repeat(offsets - starts, lengths)
 
 
-def _part_bounds(area: BaseGeometry) -> list[FloatArray]:
-    """Bounds of the area's parts, grouped east/west if the area straddles +-180."""
-    bounds = shapely.bounds(shapely.get_parts(area))
-    if bounds[:, 2].max() - bounds[:, 0].min() <= 180.0:
-        return [bounds]
-    east = (bounds[:, 0] + bounds[:, 2]) >= 0.0
-    return [b for b in (bounds[east], bounds[~east]) if len(b)]
-
-
-def _query_boxes(
-    groups: list[FloatArray], dlon: float, dlat: float
-) -> list[tuple[float, float, float, float]]:
-    """Lon/lat boxes (within +-180) covering each bounds group grown by (dlon, dlat).
-
-    An antimeridian-split area gets one box per side instead of a globe-wide one, and a
-    grown box that spills over +-180 is wrapped into two.
-    """
-    boxes: list[tuple[float, float, float, float]] = []
-    for g in groups:
-        x0, x1 = float(g[:, 0].min()) - dlon, float(g[:, 2].max()) + dlon
-        y0 = max(-90.0, float(g[:, 1].min()) - dlat)
-        y1 = min(90.0, float(g[:, 3].max()) + dlat)
-        if x1 - x0 >= 360.0:
-            boxes.append((-180.0, y0, 180.0, y1))
-        elif x0 < -180.0:
-            boxes += [(x0 + 360.0, y0, 180.0, y1), (-180.0, y0, x1, y1)]
-        elif x1 > 180.0:
-            boxes += [(-180.0, y0, x1 - 360.0, y1), (x0, y0, 180.0, y1)]
-        else:
-            boxes.append((x0, y0, x1, y1))
-    return boxes
-
-
 def _start_cells(
     boxes: list[tuple[float, float, float, float]],
 ) -> tuple[int, IntArray, IntArray]:
-    """The coarsest level at which each box spans <= START_SPAN cells a side, and those
-    cells. Starting this deep skips the top levels where every cell would just be split.
+    """A level at which every box spans a few cells a side, and the cells covering them.
 
-    One level for all boxes of a class, so start cells never nest (no double counting).
+    We start ``_START_EXTRA`` levels below the level whose cell covers the largest box,
+    which skips the top levels where every cell would just be split. One level for all
+    boxes, so start cells never nest (no double counting).
     """
     level = LEVELS
     for x0, y0, x1, y1 in boxes:
@@ -174,28 +125,83 @@ def _start_cells(
         fit = math.floor(min(math.log2(360.0 / w), math.log2(180.0 / h)))
         level = min(level, fit + _START_EXTRA)
     level = min(max(level, 0), LEVELS)
-    ixs, iys = [], []
+    keys = []
     for x0, y0, x1, y1 in boxes:
         (ix0, ix1), (iy0, iy1) = _cell(np.array([x0, x1]), np.array([y0, y1]), level)
         gx, gy = np.meshgrid(np.arange(ix0, ix1 + 1), np.arange(iy0, iy1 + 1))
-        ixs.append(gx.ravel())
-        iys.append(gy.ravel())
-    cells = np.unique(np.column_stack([np.concatenate(ixs), np.concatenate(iys)]), axis=0)
-    return level, cells[:, 0].astype(np.int64), cells[:, 1].astype(np.int64)
+        keys.append((gx.ravel() << 32) | gy.ravel())
+    cells = np.unique(np.concatenate(keys))
+    return level, cells >> 32, cells & 0xFFFFFFFF
 
 
-def _near(
-    area: BaseGeometry, x0: FloatArray, y0: FloatArray, x1: FloatArray, y1: FloatArray
-) -> npt.NDArray[np.bool_]:
-    """Whether each (radius-grown) cell box touches the area, modulo 360 in lon."""
-    y0, y1 = np.maximum(y0, -90.0), np.minimum(y1, 90.0)
-    out = np.asarray(shapely.intersects(area, shapely.box(x0, y0, x1, y1)))
-    for shift, over in ((-360.0, x1 > 180.0), (360.0, x0 < -180.0)):
-        todo = over & ~out
-        if todo.any():
-            wrapped = shapely.box(x0[todo] + shift, y0[todo], x1[todo] + shift, y1[todo])
-            out[todo] = shapely.intersects(area, wrapped)
-    return out
+def _classify_plain(
+    area: BaseGeometry,
+    x0: AnyFloats,
+    y0: AnyFloats,
+    cw: float,
+    sel: IntArray,
+    inside: npt.NDArray[np.bool_],
+    relevant: npt.NDArray[np.bool_],
+) -> None:
+    """Radius-0 cells: relevant if the cell box meets the area, inside if it lies in it."""
+    if len(sel) == 0:
+        return
+    bx, by = x0[sel], y0[sel]
+    # Grown by _EPS so float rounding of cell edges can never wrongly accept.
+    cells = shapely.box(bx - _EPS, by - _EPS, bx + cw + _EPS, by + cw / 2.0 + _EPS)
+    hit = np.asarray(shapely.intersects(area, cells))
+    relevant[sel] = hit
+    inside[sel[hit]] = shapely.contains(area, cells[hit])
+
+
+def _classify_ring(
+    area: BaseGeometry,
+    metric: tuple[LocalFrame, BaseGeometry],
+    x0: AnyFloats,
+    y0: AnyFloats,
+    cw: float,
+    r_lo: FloatArray,
+    r_hi: FloatArray,
+    sel: IntArray,
+    inside: npt.NDArray[np.bool_],
+    relevant: npt.NDArray[np.bool_],
+) -> None:
+    """Cells of a radius class (radii in [r_lo, r_hi]), using the area's metric frame.
+
+    Distance to a set is 1-Lipschitz, so every point of a cell is within ``h`` of the
+    cell centre's distance ``d``, where ``h`` bounds the half-diagonal in frame metres:
+    ``d + h <= r_lo`` accepts the whole cell, ``d - h > r_hi`` drops it. ``h`` is the
+    half-diagonal from conservative degree lengths, times the frame's scale distortion at
+    that distance from its centre (k = c / sin c), plus 1 % and 2 m of slack (the latter
+    covers the lon/lat-vs-frame edge bow, see ``LocalFrame.project``), so cell verdicts
+    never contradict the per-point test done in the same frame.
+    """
+    if len(sel) == 0:
+        return
+    frame, projected = metric
+    ch = cw / 2.0
+    south = y0[sel]
+    north = south + ch
+    px, py = frame.forward(x0[sel] + cw / 2.0, south + ch / 2.0)
+    low = np.where(south * north <= 0.0, 0.0, np.minimum(abs(south), abs(north)))  # min |lat|
+    half_w = cw / 2.0 * 111_325.0 * np.cos(np.radians(low))
+    c = np.minimum(np.hypot(px, py) / 6_356_752.0, 3.0)
+    k = np.divide(c, np.sin(c), out=np.ones_like(c), where=c > 1e-9)
+    h = np.hypot(half_w, ch / 2.0 * 111_700.0) * k * 1.01 + 2.0
+    # dwithin can stop early, so two of them beat one exact shapely.distance.
+    centres = shapely.points(px, py)
+    near = np.asarray(shapely.dwithin(projected, centres, r_hi[sel] + h))
+    relevant[sel] = near
+    reach = r_lo[sel] - h
+    ok = np.flatnonzero(near & (reach >= 0.0))
+    inside[sel[ok]] = shapely.dwithin(projected, centres[ok], reach[ok])
+    # A cell whose centre is inside the area may lie wholly inside it (distance 0).
+    maybe = np.flatnonzero(near & ~inside[sel])
+    maybe = sel[maybe[shapely.intersects_xy(projected, px[maybe], py[maybe])]]
+    if len(maybe):
+        bx, by = x0[maybe], y0[maybe]
+        cells = shapely.box(bx - _EPS, by - _EPS, bx + cw + _EPS, by + ch + _EPS)
+        inside[maybe] = shapely.contains(area, cells)
 
 
 class SubscriptionIndex:
@@ -228,8 +234,10 @@ class SubscriptionIndex:
         self.lat: FloatArray = lat[order]
         self.radius_m: FloatArray = radius[order]
         self.n_places = len(places)
-        self._bucket_radius = {  # class -> largest radius actually present in it
-            int(b): float(radius[bucket == b].max()) for b in np.unique(bucket)
+        # class -> (smallest, largest) radius actually present in it
+        self._classes = {
+            int(b): (float(radius[bucket == b].min()), float(radius[bucket == b].max()))
+            for b in np.unique(bucket)
         }
 
         # Zones: one tree entry per distinct geometry; subscribers of a geometry are a
@@ -248,14 +256,14 @@ class SubscriptionIndex:
         self._tree = shapely.STRtree(self._zone_geoms)
         self.n_zones = len(zone_subs)
 
-        self.subscriptions: tuple[Subscription, ...] = (
-            *(places[i] for i in order.tolist()),
-            *zone_subs,
-        )
-        self.ids: npt.NDArray[np.object_] = np.array(
-            [s.id for s in self.subscriptions], dtype=object
-        )
-        bits = np.array([_channel_bits(s.channels) for s in self.subscriptions], dtype=np.uint8)
+        ordered = [places[i] for i in order.tolist()]
+        ordered += zone_subs
+        self.subscriptions: tuple[Subscription, ...] = tuple(ordered)
+        self.ids: npt.NDArray[np.object_] = np.array([s.id for s in ordered], dtype=object)
+        # Few distinct channel lists exist: one bit mask per list, looked up per record.
+        lists = [tuple(s.channels) for s in ordered]
+        lut = {key: _channel_bits(key) for key in set(lists)}
+        bits = np.fromiter((lut[key] for key in lists), dtype=np.uint8, count=len(lists))
         self._channel_mask = {ch: (bits & (1 << k)) != 0 for k, ch in enumerate(CHANNELS)}
         self.unresolved: tuple[Unresolved, ...] = tuple(unresolved)
         for arr in (self._codes, self.lon, self.lat, self.radius_m, self.ids):
@@ -335,77 +343,76 @@ class SubscriptionIndex:
     def channel_counts(self, positions: IntArray) -> dict[str, int]:
         """How many of ``positions`` want each channel."""
         return {
-            ch: int(np.count_nonzero(mask[positions]))
-            for ch, mask in self._channel_mask.items()
+            ch: int(np.count_nonzero(mask[positions])) for ch, mask in self._channel_mask.items()
         }
 
     def _match_places(self, area: BaseGeometry) -> IntArray:
         if self.n_places == 0:
             return np.empty(0, dtype=np.int64)
-        accept, cand = self._walk(area)
+        metric = None
+        if any(b > 0 for b in self._classes):
+            frame = LocalFrame.for_geometry(area)
+            projected = frame.project(area)
+            shapely.prepare(projected)
+            metric = (frame, projected)
+        accept, cand = self._walk(area, metric)
         idx = _ranges_to_index(*cand)
         lon, lat = self.lon[idx], self.lat[idx]
         hit = np.asarray(shapely.intersects_xy(area, lon, lat))
         radius = self.radius_m[idx]
-        near = ~hit & (radius > 0.0)
-        if near.any():
-            hit[near] = within_distance(area, lon[near], lat[near], radius[near])
+        near = np.flatnonzero(~hit & (radius > 0.0))
+        if len(near) and metric is not None:
+            frame, projected = metric
+            pts = shapely.points(*frame.forward(lon[near], lat[near]))
+            hit[near] = shapely.dwithin(projected, pts, radius[near])
         return np.concatenate([_ranges_to_index(*accept), idx[hit]])
 
-    def _walk(self, area: BaseGeometry) -> tuple[tuple[IntArray, IntArray], ...]:
+    def _walk(
+        self, area: BaseGeometry, metric: tuple[LocalFrame, BaseGeometry] | None
+    ) -> tuple[tuple[IntArray, IntArray], ...]:
         """Quadtree descent over every radius class at once.
 
-        Returns (accepted slices, candidate slices), each as (starts, stops) arrays.
-        Nodes carry their own class, level and degree margins so one vectorised pass per
-        depth serves all classes.
+        Returns (accepted slices, candidate slices), each as (starts, stops) arrays. A
+        node is a cell of one radius class; nodes carry their class key, bounds and leaf
+        size, so one vectorised pass per depth serves all classes. Each non-empty node is
+        accepted (all its points match), dropped (none can), or, on the boundary, split
+        until it holds few enough points that a node test (~1.5 us) no longer beats
+        testing the points (~0.1 us each inside/outside, ~0.6 us with a radius).
         """
-        groups = _part_bounds(area)
-        max_abs_lat = max(float(np.abs(g[:, [1, 3]]).max()) for g in groups)
-        cols: list[list[npt.NDArray[np.generic]]] = [[] for _ in range(6)]
-        for b, radius in self._bucket_radius.items():
-            dlon, dlat = degree_margins(radius, max_abs_lat)
-            level, cix, ciy = _start_cells(_query_boxes(groups, dlon, dlat))
-            n = len(cix)
-            for col, val in zip(
-                cols,
-                (np.full(n, b), np.full(n, level), cix, ciy, np.full(n, dlon), np.full(n, dlat)),
-                strict=True,
-            ):
-                col.append(val)
-        bucket, level, ix, iy = (np.concatenate(c).astype(np.int64) for c in cols[:4])
-        dlon, dlat = (np.concatenate(c).astype(np.float64) for c in cols[4:])
+        classes = np.array(list(self._classes), dtype=np.int64)
+        bounds_m = np.array(list(self._classes.values()), dtype=np.float64).reshape(-1, 2)
+        # Cells covering the search box of the widest class serve every class.
+        level, cix, ciy = _start_cells(covering_boxes(area, float(bounds_m[:, 1].max())))
+        rep = np.repeat(np.arange(len(classes)), len(cix))
+        ix, iy = np.tile(cix, len(classes)), np.tile(ciy, len(classes))
+        r_lo, r_hi = bounds_m[rep, 0], bounds_m[rep, 1]
+        limit = np.where(classes[rep] == 0, LEAF_POINTS, LEAF_POINTS_RADIUS)
+        # key = class bits above the cell's 2*level-bit Morton prefix: at `level` a
+        # cell's points are the codes in [key << shift, (key + 1) << shift), and a
+        # child's key is (key << 2) | quadrant.
+        key = (classes[rep].astype(np.uint64) << np.uint64(2 * level)) | _morton(ix, iy)
 
         acc_s, acc_e, cand_s, cand_e = [], [], [], []
         codes = self._codes
-        # key = class bits above the cell's 2*level-bit Morton prefix, so that at `level`
-        # a cell's points are the codes in [key << shift, (key + 1) << shift) and a
-        # child's key is (key << 2) | quadrant.
-        key = (bucket.astype(np.uint64) << (2 * level).astype(np.uint64)) | _morton(ix, iy)
-        while len(ix):
-            shift = (2 * (LEVELS - level)).astype(np.uint64)
-            bounds = np.searchsorted(codes, np.concatenate([key << shift, (key + 1) << shift]))
-            start, stop = bounds[: len(key)].astype(np.int64), bounds[len(key) :].astype(np.int64)
-            # Every non-empty cell is classified (a box test costs about as much as the
-            # exact test of two or three points): wholly inside -> accept the slice;
-            # out of reach -> drop; on the boundary -> split, or test its points once
-            # the cell holds <= LEAF_POINTS.
+        while len(key):
+            shift = np.uint64(2 * (LEVELS - level))
+            found = np.searchsorted(codes, np.concatenate([key << shift, (key + 1) << shift]))
+            start, stop = found[: len(key)].astype(np.int64), found[len(key) :].astype(np.int64)
             live = np.flatnonzero(stop > start)
-            key, level, ix, iy = key[live], level[live], ix[live], iy[live]
-            dlon, dlat, start, stop = dlon[live], dlat[live], start[live], stop[live]
-            cw = 360.0 / np.left_shift(1, level).astype(np.float64)
+            key, ix, iy, limit = key[live], ix[live], iy[live], limit[live]
+            r_lo, r_hi, start, stop = r_lo[live], r_hi[live], start[live], stop[live]
+            cw = 360.0 / (1 << level)
             x0, y0 = ix * cw - 180.0, iy * (cw / 2.0) - 90.0
-            x1, y1 = x0 + cw, y0 + cw / 2.0
-            relevant = _near(area, x0 - dlon, y0 - dlat, x1 + dlon, y1 + dlat)
-            r = np.flatnonzero(relevant)
-            inside = np.zeros(len(live), dtype=bool)
-            inside[r] = shapely.contains(
-                area,
-                shapely.box(x0[r] - _EPS, y0[r] - _EPS, x1[r] + _EPS, y1[r] + _EPS),
-            )
+            inside, relevant = np.zeros(len(live), bool), np.zeros(len(live), bool)
+            plain = np.flatnonzero(r_hi == 0.0)
+            _classify_plain(area, x0, y0, cw, plain, inside, relevant)
+            if metric is not None and len(plain) < len(live):
+                ring = np.flatnonzero(r_hi > 0.0)
+                _classify_ring(area, metric, x0, y0, cw, r_lo, r_hi, ring, inside, relevant)
             acc_s.append(start[inside])
             acc_e.append(stop[inside])
             edge = relevant & ~inside
-            leaf = edge & ((stop - start <= LEAF_POINTS) | (level >= LEVELS))
+            leaf = edge & ((stop - start <= limit) | (level >= LEVELS))
             cand_s.append(start[leaf])
             cand_e.append(stop[leaf])
             split = np.flatnonzero(edge & ~leaf)
@@ -413,8 +420,9 @@ class SubscriptionIndex:
             rep = np.repeat(split, 4)
             quad = np.tile(np.arange(4, dtype=np.int64), len(split))
             key = (key[rep] << np.uint64(2)) | quad.astype(np.uint64)
-            level, dlon, dlat = level[rep] + 1, dlon[rep], dlat[rep]
             ix, iy = ix[rep] * 2 + (quad & 1), iy[rep] * 2 + (quad >> 1)
+            r_lo, r_hi, limit = r_lo[rep], r_hi[rep], limit[rep]
+            level += 1
         empty = [np.empty(0, dtype=np.int64)]
         return (
             (np.concatenate(acc_s + empty), np.concatenate(acc_e + empty)),
@@ -433,11 +441,14 @@ class SubscriptionIndex:
         if area_m2 <= 0.0:  # a line/point "area": interiors must still meet
             ok = np.asarray(shapely.relate_pattern(zones, area, "T********"))
         else:
-            overlap = np.empty(len(cand), dtype=np.float64)
-            # Cheap exact case first: zone wholly inside the area overlaps by its own area.
-            within = np.asarray(shapely.contains_properly(area, zones))
-            overlap[within] = zone_area[within]
-            rest = ~within
+            # Cheapest tests first: a zone the (prepared) area covers overlaps by its own
+            # area; a zone whose interior misses the area's (a neighbour sharing only a
+            # border) overlaps by 0; only real partial overlaps pay for an intersection.
+            overlap = np.zeros(len(cand), dtype=np.float64)
+            covered = np.asarray(shapely.covers(area, zones))
+            overlap[covered] = zone_area[covered]
+            rest = np.flatnonzero(~covered)
+            rest = rest[shapely.relate_pattern(zones[rest], area, "T********")]
             overlap[rest] = approx_area_m2(shapely.intersection(zones[rest], area))
             tol = np.maximum(
                 ZONE_OVERLAP_MIN_M2, ZONE_OVERLAP_REL_TOL * np.minimum(zone_area, area_m2)
@@ -465,23 +476,8 @@ def _zone_geometry(
 ) -> tuple[BaseGeometry | None, object, str]:
     """(geometry, dedup key, problem) for a zone subscription."""
     if sub.geometry is not None:
-        data: object = sub.geometry
-        if isinstance(data, dict) and data.get("type") == "Feature":
-            data = data.get("geometry")
-        try:
-            geom = shape(data)
-        except Exception as exc:  # shapely raises a zoo of types on bad GeoJSON
-            return None, None, f"invalid zone geometry: {exc}"
-        if geom.is_empty or not np.isfinite(geom.bounds).all() or abs(geom.bounds[1]) > 90:
-            return None, None, "zone geometry empty or out of range"
-        if not geom.is_valid:
-            geom = shapely.make_valid(geom)
-        poly = polygonal(geom)
-        if poly is None or poly.area <= 0.0:
-            return None, None, "zone geometry has no area"
-        if poly.bounds[0] < -180.0 or poly.bounds[2] > 180.0:
-            poly = split_antimeridian(poly)
-        return poly, shapely.to_wkb(poly), ""
+        geom, problem = geojson_to_geometry(sub.geometry)
+        return geom, None if geom is None else shapely.to_wkb(geom), problem
     if sub.zone:
         if gazetteer is None:
             return None, None, f"zone code {sub.zone!r} but no gazetteer"
