@@ -21,13 +21,21 @@ or written to a receipt.
 
 from __future__ import annotations
 
+import email.utils
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from streams.records import Channel
 
-__all__ = ["OutgoingMessage", "Provider", "ProviderError", "SendResult"]
+__all__ = [
+    "OutgoingMessage",
+    "Provider",
+    "ProviderError",
+    "SendResult",
+    "parse_retry_after",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +47,8 @@ class OutgoingMessage:
     ``collapse_key`` lets a provider replace an older notification for the same alert
     (FCM ``collapse_key``, APNs ``apns-collapse-id``); ``ttl_s`` is how long the
     provider may hold the message before it becomes pointless (the alert expiry).
+    ``severity`` and ``urgency`` are the alert's CAP values; push providers map them
+    to delivery priority (an Extreme alert may break through "do not disturb").
     """
 
     subscriber_id: str
@@ -50,11 +60,17 @@ class OutgoingMessage:
     body: str
     collapse_key: str = ""
     ttl_s: int | None = None
+    severity: str = ""
+    urgency: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class SendResult:
-    """What happened to one :class:`OutgoingMessage` (matched by ``subscriber_id``)."""
+    """What happened to one :class:`OutgoingMessage` (matched by ``subscriber_id``).
+
+    ``retry_after_s`` is the provider's own "come back later" (HTTP ``Retry-After``
+    on a 429/503): the sender waits at least that long before retrying.
+    """
 
     subscriber_id: str
     ok: bool
@@ -62,6 +78,7 @@ class SendResult:
     retriable: bool = False
     provider_message_id: str = ""
     invalid_address: bool = False
+    retry_after_s: float | None = None
 
 
 class ProviderError(Exception):
@@ -70,11 +87,36 @@ class ProviderError(Exception):
     ``retriable=True`` (the default) means the same provider may succeed on a later
     attempt (timeouts, 5xx, connection refused); ``False`` means retrying it is
     pointless (bad credentials, misconfiguration) and the sender fails over at once.
+    ``retry_after_s`` carries the provider's ``Retry-After`` when it sent one.
     """
 
-    def __init__(self, message: str, *, retriable: bool = True) -> None:
+    def __init__(
+        self, message: str, *, retriable: bool = True, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.retriable = retriable
+        self.retry_after_s = retry_after_s
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from an HTTP ``Retry-After`` value (delta-seconds or HTTP-date).
+
+    ``None`` when absent or unparsable; never negative.
+    """
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT; be lenient with sloppy servers
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 @runtime_checkable

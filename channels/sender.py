@@ -10,8 +10,9 @@
    claim delays a message by at most one lease but never loses it;
 3. render once per language (the renderer caches across batches);
 4. send through ``providers[0]``, retrying retriable failures with exponential
-   backoff and jitter, then fail over to ``providers[1]`` and so on; leases are kept
-   alive while a provider call or a backoff is in progress;
+   backoff and jitter (never sooner than the provider's ``Retry-After``, capped at
+   ``_RETRY_AFTER_MAX_S``), then fail over to ``providers[1]`` and so on; leases are
+   kept alive while a provider call or a backoff is in progress;
 5. mark successes sent as soon as each attempt returns (narrowing the window in which
    a crash could cause a re-send) and release the claims of final failures so a
    redelivered batch can try again.
@@ -36,7 +37,7 @@ from channels.base import OutgoingMessage, Provider, ProviderError, SendResult
 from channels.contacts import ContactStore
 from channels.idempotency import ClaimState, IdempotencyGuard
 from streams.records import Alert, DeliveryBatch, DeliveryStatus, Receipt, RecipientResult
-from templates.render import RenderedMessage, Renderer
+from templates.render import RenderedMessage, Renderer, select_info
 
 __all__ = ["send_batch"]
 
@@ -45,6 +46,9 @@ log = logging.getLogger("tocsin.channels.sender")
 _EMAIL_RE = re.compile(r"[\w.+-]+@[\w-]+(\.[\w-]+)+")
 _ERROR_MAX = 200
 _MAX_TTL_S = 28 * 24 * 3600  # FCM's maximum time-to-live
+# A provider asking for a longer pause than this is better served by failing over (or
+# by the batch's redelivery) than by holding the batch's claims for minutes.
+_RETRY_AFTER_MAX_S = 30.0
 
 
 def _scrub(text: str, addresses: Iterable[str]) -> str:
@@ -141,7 +145,7 @@ class _Delivery:
 
     def messages(self, addresses: dict[str, str], sids: list[str]) -> list[OutgoingMessage]:
         languages = {r.subscriber_id: r.language for r in self.batch.recipients}
-        rendered: dict[str, tuple[RenderedMessage, int | None]] = {}
+        rendered: dict[str, tuple[RenderedMessage, int | None, str, str]] = {}
         now = time.time()
         out = []
         for sid in sids:
@@ -149,8 +153,11 @@ class _Delivery:
             cached = rendered.get(lang)
             if cached is None:
                 msg = self.renderer.render(self.alert, self.batch.channel, lang)
-                cached = rendered[lang] = (msg, _ttl_s(msg.expires, now))
-            msg, ttl_s = cached
+                info = select_info(self.alert, lang)
+                severity = info.severity if info else self.alert.max_severity
+                urgency = info.urgency if info else ""
+                cached = rendered[lang] = (msg, _ttl_s(msg.expires, now), severity, urgency)
+            msg, ttl_s, severity, urgency = cached
             out.append(
                 OutgoingMessage(
                     subscriber_id=sid,
@@ -164,6 +171,8 @@ class _Delivery:
                     # the device instead of stacking up.
                     collapse_key=self.batch.alert_key,
                     ttl_s=ttl_s,
+                    severity=severity,
+                    urgency=urgency,
                 )
             )
         return out
@@ -201,11 +210,17 @@ class _Delivery:
         next provider, which may reach the address another way.
         """
         batch = dict(self.unsettled)
+        retry_after: float | None = None
         for attempt in range(self.max_attempts):
             if attempt:
                 if not batch:
                     return
-                await asyncio.sleep(_backoff(attempt - 1, self.backoff_base_s, self.backoff_max_s))
+                delay = _backoff(attempt - 1, self.backoff_base_s, self.backoff_max_s)
+                if retry_after is not None:
+                    # Honour the provider's Retry-After: retrying sooner only earns
+                    # another 429/503 and digs the quota hole deeper.
+                    delay = max(delay, min(retry_after, _RETRY_AFTER_MAX_S))
+                await asyncio.sleep(delay)
                 await self._recheck_claims()
                 batch = {s: m for s, m in batch.items() if s in self.unsettled}
             if not batch:
@@ -213,6 +228,7 @@ class _Delivery:
             try:
                 results = await provider.send_batch(list(batch.values()))
             except ProviderError as exc:
+                retry_after = exc.retry_after_s
                 reason = _scrub(f"{provider.name}: {exc}", self.addresses)
                 self.last_error.update(dict.fromkeys(batch, reason))
                 log.warning(
@@ -235,7 +251,7 @@ class _Delivery:
                     type(exc).__name__,
                 )
                 return
-            batch = await self._settle(provider, batch, results, contacts)
+            batch, retry_after = await self._settle(provider, batch, results, contacts)
 
     async def _settle(
         self,
@@ -243,12 +259,14 @@ class _Delivery:
         batch: dict[str, OutgoingMessage],
         results: list[SendResult],
         contacts: ContactStore,
-    ) -> dict[str, OutgoingMessage]:
-        """Apply one attempt's results; return the messages worth retrying here."""
+    ) -> tuple[dict[str, OutgoingMessage], float | None]:
+        """Apply one attempt's results; return the messages worth retrying here and
+        the longest ``Retry-After`` among them."""
         by_sid = {r.subscriber_id: r for r in results}
         sent: list[str] = []
         dead: list[OutgoingMessage] = []
         retry: dict[str, OutgoingMessage] = {}
+        retry_after: float | None = None
         for sid, msg in batch.items():
             res = by_sid.get(sid)
             if res is None:
@@ -266,6 +284,8 @@ class _Delivery:
                 self.last_error[sid] = _scrub(f"{provider.name}: {error}", [msg.address])
                 if res.retriable:
                     retry[sid] = msg
+                    if res.retry_after_s is not None:
+                        retry_after = max(retry_after or 0.0, res.retry_after_s)
         if sent:
             for sid in sent:
                 self.result(sid, "sent")
@@ -279,7 +299,7 @@ class _Delivery:
             for msg in dead:
                 await contacts.invalidate(msg.subscriber_id, self.batch.channel, msg.address)
             await self.guard.release_many([self.key(m.subscriber_id) for m in dead], self.token)
-        return retry
+        return retry, retry_after
 
     async def _recheck_claims(self) -> None:
         """Before a retry or failover: drop messages whose claim we no longer hold."""

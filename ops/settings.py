@@ -71,19 +71,56 @@ class Settings(BaseSettings):
         default="push=outbox,sms=outbox,email=outbox",
         description="channel=provider pairs; a provider list 'a|b' means failover order",
     )
+    # Provider names usable in channel_providers: outbox, fcm (push over pooled
+    # aiohttp), fcm-admin (push through firebase-admin's send_each_async), sms,
+    # sms-backup (a second SMS account for failover), smtp.
     fcm_base_url: str = "https://fcm.googleapis.com"
-    fcm_project_id: str = ""
-    fcm_credentials_file: str = ""
+    fcm_project_id: str = Field(default="", description="empty: the credentials file's")
+    fcm_credentials_file: str = Field(default="", description="service-account JSON")
+    fcm_access_token: str = Field(
+        default="", description="static bearer token (stand-ins/tests) instead of credentials"
+    )
+    fcm_max_concurrency: int = Field(default=200, ge=1, description="requests in flight")
+    fcm_timeout_s: float = Field(default=10.0, gt=0)
+    fcm_rate_per_s: float = Field(default=0.0, ge=0, description="0 = unlimited")
+    fcm_rate_burst: int = Field(default=0, ge=0, description="0 = one second's worth")
     sms_base_url: str = "https://api.twilio.com"
     sms_account_sid: str = ""
     sms_auth_token: str = ""
     sms_from: str = ""
+    sms_messaging_service_sid: str = Field(default="", description="used instead of sms_from")
+    sms_status_callback_url: str = ""
+    sms_max_concurrency: int = Field(default=100, ge=1)
+    sms_timeout_s: float = Field(default=10.0, gt=0)
+    sms_rate_per_s: float = Field(default=0.0, ge=0, description="0 = unlimited")
+    sms_rate_burst: int = Field(default=0, ge=0, description="0 = one second's worth")
+    sms_backup_base_url: str = ""
+    sms_backup_account_sid: str = ""
+    sms_backup_auth_token: str = ""
+    sms_backup_from: str = ""
+    sms_backup_messaging_service_sid: str = ""
+    sms_backup_rate_per_s: float = Field(default=0.0, ge=0, description="0 = unlimited")
+    sms_backup_rate_burst: int = Field(default=0, ge=0)
     smtp_host: str = "localhost"
     smtp_port: int = 25
     smtp_username: str = ""
     smtp_password: str = ""
     smtp_starttls: bool = False
+    smtp_use_tls: bool = Field(default=False, description="implicit TLS (port 465)")
+    smtp_pool_size: int = Field(default=6, ge=1, le=64)
+    smtp_timeout_s: float = Field(default=30.0, gt=0)
+    smtp_rate_per_s: float = Field(default=0.0, ge=0, description="0 = unlimited")
+    smtp_rate_burst: int = Field(default=0, ge=0)
     email_from: str = "alerts@tocsin.invalid"
+    email_unsubscribe_url: str = Field(
+        default="", description="https URL for one-click List-Unsubscribe (RFC 8058)"
+    )
+    email_unsubscribe_mailto: str = Field(
+        default="", description="mailbox for List-Unsubscribe; empty: unsubscribe@<from domain>"
+    )
+    email_unsubscribe_secret: str = Field(
+        default="", description="HMAC key signing subscriber ids in unsubscribe links"
+    )
 
     # -- API ---------------------------------------------------------------------------
     api_host: str = "127.0.0.1"

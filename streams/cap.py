@@ -19,6 +19,7 @@ import math
 import operator
 import re
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -146,6 +147,23 @@ def check_enum(value: str | None, allowed: tuple[str, ...], field: str,
             warnings.append(f"<{field}> {v!r} normalised to {a!r}")
             return a
     raise CapError("bad_enum", f"<{field}> {v[:64]!r} is not one of: {', '.join(allowed)}")
+
+
+_BAD_ID_CHARS = re.compile(r"[\s,<&]")
+
+
+def check_identifier(value: str, field: str) -> str:
+    """Validate a CAP ``identifier`` / ``sender``: no whitespace, commas, ``<`` or ``&``.
+
+    CAP 1.1 and 1.2 forbid them because ``references`` is a whitespace-separated list of
+    comma-separated ``sender,identifier,sent`` triples: an identifier holding either could
+    never be referenced unambiguously by a later Update or Cancel.
+    """
+    m = _BAD_ID_CHARS.search(value)
+    if m is not None:
+        raise CapError("bad_identifier", f"<{field}> {value[:64]!r} contains {m.group()!r}; CAP "
+                                         "forbids spaces, commas, '<' and '&' in it")
+    return value
 
 
 def check_references(value: str | list[str] | None, msg_type: str,
@@ -406,8 +424,8 @@ def _optional_dt(single: dict[str, str], name: str, ctx: _Ctx) -> str | None:
 def _alert(el: etree._Element, ctx: _Ctx, source: str) -> Alert:
     single, multi = _collect(el, "alert", _ALERT_SINGLE, ctx)
     # Fixed validation order (not document order) so the reason for a bad message is stable.
-    identifier = _required(single, "identifier", "alert")
-    sender = _required(single, "sender", "alert")
+    identifier = check_identifier(_required(single, "identifier", "alert"), "identifier")
+    sender = check_identifier(_required(single, "sender", "alert"), "sender")
     sent = check_datetime(_required(single, "sent", "alert"), "sent", ctx.warnings)
     status = check_enum(single.get("status"), STATUSES, "status", ctx.warnings)
     msg_type = check_enum(single.get("msgType"), MSG_TYPES, "msgType", ctx.warnings)
@@ -417,10 +435,11 @@ def _alert(el: etree._Element, ctx: _Ctx, source: str) -> Alert:
     scope = check_enum(single.get("scope"), SCOPES, "scope", ctx.warnings)
     references = check_references(single.get("references"), msg_type, ctx.warnings)
     infos = [_info(i, n, ctx) for n, i in enumerate(multi.get("info", ()), 1)]
+    codes = [c.text.strip() for c in multi.get("code", ()) if c.text and c.text.strip()]
     return Alert(identifier=identifier, sender=sender, sent=sent, status=status,
                  msg_type=msg_type, scope=scope, source=source, cap_version=ctx.version,
                  references=references, note=single.get("note", "").strip(), infos=infos,
-                 warnings=ctx.warnings)
+                 warnings=ctx.warnings, codes=codes)
 
 
 def _info(el: etree._Element, n: int, ctx: _Ctx) -> Info:
@@ -451,7 +470,9 @@ def _info(el: etree._Element, n: int, ctx: _Ctx) -> Info:
                 description=text("description"), instruction=text("instruction"),
                 web=text("web"), effective=_optional_dt(single, "effective", ctx),
                 onset=_optional_dt(single, "onset", ctx),
-                expires=_optional_dt(single, "expires", ctx), areas=areas)
+                expires=_optional_dt(single, "expires", ctx), areas=areas,
+                event_codes=_pairs(multi.get("eventCode", ()), "eventCode", ctx),
+                parameters=_pairs(multi.get("parameter", ()), "parameter", ctx))
 
 
 def _area(el: etree._Element, where: str, ctx: _Ctx) -> Area:
@@ -481,8 +502,9 @@ def _area(el: etree._Element, where: str, ctx: _Ctx) -> Area:
     return area
 
 
-def _geocode(el: etree._Element, ctx: _Ctx) -> Geocode | None:
-    if ctx.version == "1.0":  # CAP 1.0 geocodes are "name=value" text
+def _value_pair(el: etree._Element, parent: str, ctx: _Ctx) -> tuple[str, str]:
+    """(valueName, value) of a geocode / eventCode / parameter, both stripped."""
+    if ctx.version == "1.0":  # CAP 1.0 carries these as "name=value" text
         name, _, value = (el.text or "").partition("=")
     else:
         name = value = ""
@@ -494,25 +516,40 @@ def _geocode(el: etree._Element, ctx: _Ctx) -> Geocode | None:
             elif kv == "value":
                 value = child.text or ""
             else:
-                _other(child, "geocode", ctx)
-    name = name.strip()
+                _other(child, parent, ctx)
+    return name.strip(), value.strip()
+
+
+def _pairs(elements: Iterable[etree._Element], parent: str, ctx: _Ctx) -> list[Geocode]:
+    # eventCode / parameter names are kept as sent: unlike geocode schemes they are often
+    # case-sensitive URNs (CAP-AU, CAP-CP profiles).
+    out = []
+    for el in elements:
+        name, value = _value_pair(el, parent, ctx)
+        if name:
+            out.append(Geocode(value_name=name, value=value))
+        else:
+            ctx.warnings.append(f"<{parent}> without valueName ignored")
+    return out
+
+
+def _geocode(el: etree._Element, ctx: _Ctx) -> Geocode | None:
+    name, value = _value_pair(el, "geocode", ctx)
     if not name:
         ctx.warnings.append("<geocode> without valueName ignored")
         return None
     if name.islower():
         ctx.warnings.append(f"lower-case geocode valueName {name!r} upper-cased")
-    return Geocode(value_name=name.upper(), value=value.strip())
+    return Geocode(value_name=name.upper(), value=value)
 
 
-def parse_cap(data: bytes, *, limits: CapLimits = DEFAULT_LIMITS, source: str = "") -> list[Alert]:
-    """Parse and validate one CAP XML document into alerts.
+def parse_xml(data: bytes, limits: CapLimits = DEFAULT_LIMITS) -> etree._Element:
+    """Parse untrusted XML with the hardened parser and the byte / depth limits.
 
-    Returns one alert for a normal ``<alert>``, several for a non-standard ``<alerts>``
-    wrapper (e.g. SMHI). ``source`` is copied into ``Alert.source``. Raises
-    :class:`CapError` (``.reason`` e.g. ``xml_syntax``, ``doctype_forbidden``, ``not_cap``,
-    ``missing_element``, ``bad_enum``, ``bad_datetime``, ``bad_references``,
-    ``missing_references``, ``bad_polygon``, ``bad_circle``, ``too_large``, ``too_deep``,
-    ``too_many_areas`` / ``_polygons`` / ``_vertices`` / ``_alerts``).
+    Shared by the CAP parser, the schema check and the signature verifier so every path
+    refuses DTDs (XXE, billion laughs) and oversized or over-deep documents the same way.
+    Raises :class:`CapError` (``too_large``, ``doctype_forbidden``, ``xml_syntax``,
+    ``too_deep``).
     """
     if len(data) > limits.max_bytes:
         raise CapError("too_large", f"document is {len(data)} bytes; limit {limits.max_bytes}")
@@ -527,13 +564,11 @@ def parse_cap(data: bytes, *, limits: CapLimits = DEFAULT_LIMITS, source: str = 
     if docinfo.doctype or docinfo.internalDTD is not None:
         raise CapError("doctype_forbidden", "document contains a DOCTYPE/DTD; CAP needs none")
     _check_depth(root, limits.max_depth)
+    return root
 
-    doc_warnings: list[str] = []
-    if data[:3] == b"\xef\xbb\xbf":
-        doc_warnings.append("UTF-8 byte-order mark")
-    encoding = (docinfo.encoding or "UTF-8").upper()
-    if encoding not in ("UTF-8", "UTF8"):
-        doc_warnings.append(f"declared encoding {encoding} (CAP expects UTF-8)")
+
+def cap_version(root: etree._Element) -> tuple[str, str, str]:
+    """``(namespace, local name, CAP version)`` of a CAP root; ``CapError("not_cap")`` else."""
     tag = root.tag if isinstance(root.tag, str) else ""
     ns, _, local = tag[1:].rpartition("}") if tag.startswith("{") else ("", "", tag)
     if local not in ("alert", "alerts"):
@@ -542,6 +577,31 @@ def parse_cap(data: bytes, *, limits: CapLimits = DEFAULT_LIMITS, source: str = 
     if version is None:
         raise CapError("not_cap", f"<{local}> is in namespace {ns or '(none)'!r}, not a CAP "
                                   "1.0/1.1/1.2 namespace")
+    return ns, local, version
+
+
+def parse_cap(data: bytes, *, limits: CapLimits = DEFAULT_LIMITS, source: str = "",
+              strict: bool = False) -> list[Alert]:
+    """Parse and validate one CAP XML document into alerts.
+
+    Returns one alert for a normal ``<alert>``, several for a non-standard ``<alerts>``
+    wrapper (e.g. SMHI). ``source`` is copied into ``Alert.source``. Raises
+    :class:`CapError` (``.reason`` e.g. ``xml_syntax``, ``doctype_forbidden``, ``not_cap``,
+    ``missing_element``, ``bad_enum``, ``bad_datetime``, ``bad_identifier``,
+    ``bad_references``, ``missing_references``, ``bad_polygon``, ``bad_circle``,
+    ``too_large``, ``too_deep``, ``too_many_areas`` / ``_polygons`` / ``_vertices`` /
+    ``_alerts``). ``strict=True`` also validates against the OASIS XSD
+    (:mod:`streams.cap_schema`) after the semantic rules and raises ``schema_invalid``.
+    """
+    root = parse_xml(data, limits)
+    docinfo = root.getroottree().docinfo
+    doc_warnings: list[str] = []
+    if data[:3] == b"\xef\xbb\xbf":
+        doc_warnings.append("UTF-8 byte-order mark")
+    encoding = (docinfo.encoding or "UTF-8").upper()
+    if encoding not in ("UTF-8", "UTF8"):
+        doc_warnings.append(f"declared encoding {encoding} (CAP expects UTF-8)")
+    ns, local, version = cap_version(root)
     if root.prefix:
         doc_warnings.append(f"namespace prefix '{root.prefix}:' on CAP elements")
 
@@ -561,4 +621,14 @@ def parse_cap(data: bytes, *, limits: CapLimits = DEFAULT_LIMITS, source: str = 
         alert = _alert(el, ctx, source)
         alert.warnings = dedupe(alert.warnings)
         alerts.append(alert)
+    if strict:
+        from streams.cap_schema import validate_schema  # lazy: the XSDs load on first use
+
+        schema_warnings: list[str] = []
+        errors = validate_schema(root, version, warnings=schema_warnings)
+        if errors:
+            more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+            raise CapError("schema_invalid", f"OASIS CAP {version} schema: {errors[0]}{more}")
+        for alert in alerts:
+            alert.warnings = dedupe(alert.warnings + schema_warnings)
     return alerts

@@ -15,6 +15,7 @@ Errors raise :class:`~streams.cap.CapError` (``not_json``, ``unknown_shape``,
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from typing import Any
 
@@ -55,31 +56,49 @@ _CAP_KEYS = ("identifier", "event", "sent", "msgType", "messageType")
 _decoder = msgspec.json.Decoder()
 
 
-def usgs_severity(mag: float | None) -> str:
-    """CAP severity for an earthquake magnitude (thresholds chosen by the product team)."""
+# Depth bands (km) of the usual seismological classes: shallow < 70 <= intermediate < 300
+# <= deep. The deeper the source, the weaker the strongest shaking at the surface.
+INTERMEDIATE_DEPTH_KM = 70.0
+DEEP_DEPTH_KM = 300.0
+
+
+def usgs_severity(mag: float | None, depth_km: float | None = None) -> str:
+    """CAP severity for an earthquake from its magnitude and (optionally) depth.
+
+    Magnitude bands (product team): M7+ Extreme, M6+ Severe, M4.5+ Moderate, else Minor.
+    Depth lowers the band: one step for an intermediate-depth source (70-300 km), two
+    for a deep one (>= 300 km), never below Minor. A deep M7 (e.g. 600 km under Fiji) is
+    felt widely but rarely damages; a shallow M6 can. Unknown depth = shallow (the
+    conservative reading).
+    """
     if mag is None:
         return "Unknown"
-    if mag >= 7.0:
-        return "Extreme"
-    if mag >= 6.0:
-        return "Severe"
-    if mag >= 4.5:
-        return "Moderate"
-    return "Minor"
+    bands = ("Minor", "Moderate", "Severe", "Extreme")
+    band = 3 if mag >= 7.0 else 2 if mag >= 6.0 else 1 if mag >= 4.5 else 0
+    if depth_km is not None and depth_km >= DEEP_DEPTH_KM:
+        band -= 2
+    elif depth_km is not None and depth_km >= INTERMEDIATE_DEPTH_KM:
+        band -= 1
+    return bands[max(band, 0)]
 
 
-def usgs_radius_km(mag: float | None) -> float:
+def usgs_radius_km(mag: float | None, depth_km: float | None = None) -> float:
     """Radius (km) of the circle around an epicentre that we warn.
 
-    ``r = 10 ** (0.5 * M - 0.5)``, clamped to [1, 1000] km: M3 -> 10 km, M4 -> 32 km,
-    M5 -> 100 km, M6 -> 316 km, M7+ -> 1000 km. A rough "felt at all" distance, in line
-    with USGS "Did You Feel It?" reports for shallow events, so that everyone likely to
-    feel shaking is told. It ignores depth and local geology; a ShakeMap polygon should
-    replace it when one is published. Unknown magnitude -> 10 km.
+    ``r = 10 ** (0.5 * M - 0.5)``: M3 -> 10 km, M4 -> 32 km, M5 -> 100 km, M6 -> 316 km,
+    M7 -> 1000 km. A rough "felt at all" distance, in line with USGS "Did You Feel It?"
+    reports for shallow events, so that everyone likely to feel shaking is told. With a
+    depth ``d`` we read ``r`` as the distance from the *hypocentre* and warn the surface
+    circle within it: ``sqrt(r**2 - d**2)`` (a 100 km-deep M4 is barely felt anywhere).
+    The result is clamped to [1, 1000] km. It ignores local geology; a ShakeMap polygon
+    should replace it when one is published. Unknown magnitude -> 10 km.
     """
     if mag is None:
         return 10.0
-    return min(1000.0, max(1.0, 10.0 ** (0.5 * mag - 0.5)))
+    r = 10.0 ** (0.5 * mag - 0.5)
+    if depth_km is not None and depth_km > 0.0:
+        r = math.sqrt(max(r * r - depth_km * depth_km, 0.0))
+    return min(1000.0, max(1.0, r))
 
 
 def parse_hazard_json(data: bytes, *, source: str = "",
@@ -375,16 +394,22 @@ def _usgs(f: dict[str, Any], p: dict[str, Any], source: str, w: list[str]) -> Al
     geometry = f.get("geometry")
     if not isinstance(geometry, dict) or geometry.get("type") != "Point":
         raise CapError("bad_geometry", "USGS feature needs a Point epicentre")
-    circle = _point_circle(geometry.get("coordinates"), usgs_radius_km(mag), "USGS epicentre")
+    coords = geometry.get("coordinates")
+    depth = None  # GeoJSON [lon, lat, depth_km]; USGS reports depth positive downwards
+    if isinstance(coords, list) and len(coords) >= 3 and coords[2] is not None:
+        depth = _number(coords[2], "USGS depth", "bad_geometry")
+        if not math.isfinite(depth):
+            raise CapError("bad_geometry", f"USGS depth {depth} is not finite")
+    circle = _point_circle(coords, usgs_radius_km(mag, depth), "USGS epicentre")
     kind = _text(p, "type", "earthquake") or "earthquake"
     # Quarry blasts and explosions share the feed; naming them as such avoids a false
     # "Earthquake" alert. Automatic solutions are not yet reviewed by a seismologist.
     event = "Earthquake" if kind == "earthquake" else kind.title()
     title = _text(p, "title", "") or f"M {mag} - {_text(p, 'place', '')}"
-    description = title + (" (tsunami flag set: check official tsunami warnings)"
-                           if p.get("tsunami") == 1 else "")
+    description = title + (f", depth {depth:g} km" if depth is not None else "") + (
+        " (tsunami flag set: check official tsunami warnings)" if p.get("tsunami") == 1 else "")
     info = Info(language="en-US", categories=["Geo"], event=event, urgency="Past",
-                severity=usgs_severity(mag),
+                severity=usgs_severity(mag, depth),
                 certainty="Observed" if p.get("status") == "reviewed" else "Likely",
                 sender_name="U.S. Geological Survey", headline=title, description=description,
                 web=_text(p, "url", "") or "",

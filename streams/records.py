@@ -86,6 +86,10 @@ class Info(msgspec.Struct):
     onset: str | None = None
     expires: str | None = None
     areas: list[Area] = msgspec.field(default_factory=list)
+    # Added for the CAP ingest issue (at the end so positional callers keep working):
+    # ``<eventCode>`` pairs (e.g. SAME "TOR") and ``<parameter>`` pairs, names as sent.
+    event_codes: list[Geocode] = msgspec.field(default_factory=list)
+    parameters: list[Geocode] = msgspec.field(default_factory=list)
 
 
 class Alert(msgspec.Struct):
@@ -111,6 +115,8 @@ class Alert(msgspec.Struct):
     geometry_wkb: bytes | None = None
     warnings: list[str] = msgspec.field(default_factory=list)
     received_at: float = 0.0
+    # ``<code>`` values (special handling profiles such as "IPAWSv1.0"); added last.
+    codes: list[str] = msgspec.field(default_factory=list)
 
     @property
     def key(self) -> str:

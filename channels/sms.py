@@ -1,0 +1,252 @@
+"""SMS through a provider HTTP API in the Twilio Messages API shape.
+
+A thin adapter of our own rather than the ``twilio`` package: that one hard-codes its
+host (no local stand-in, no second provider with another base URL) and hides
+``Retry-After``. One request per message, form-encoded::
+
+    POST {base}/2010-04-01/Accounts/{AccountSid}/Messages.json
+    Authorization: Basic base64(AccountSid:AuthToken)
+    To=+1555...&From=+1555...|MessagingServiceSid=MG...&Body=...&StatusCallback=...
+
+over one pooled keep-alive aiohttp session with bounded concurrency. Answers:
+
+- ``201`` with the Message resource: sent; its ``sid`` is the provider message id
+  (the status callback refers to it);
+- ``429`` (Twilio 20429) and ``5xx``: retriable, honouring ``Retry-After``;
+- ``400`` with 21211/21614/21217/21401 (not a valid or not a mobile number) or 21610
+  (the citizen replied STOP): the address is dead -- pruned, and no failover (a
+  backup provider must not text someone who opted out);
+- other ``4xx``: a permanent failure on this provider (the next one may do better);
+- ``401`` (20003) for every message: :class:`ProviderError`, not retriable;
+- no answer at all (refused, reset, timeout): retriable per message, and a
+  :class:`ProviderError` when the whole call got none (the provider is down).
+
+Twilio's error messages echo the phone number, so error texts carry the code only.
+The body's segment count (GSM-7 vs UCS-2) is budgeted by ``templates.render``.
+:func:`parse_status_callback` and :func:`validate_signature` are for the delivery
+status webhook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+from collections.abc import Mapping, Sequence
+from urllib.parse import quote_plus, urlencode
+
+import aiohttp
+import msgspec
+
+from channels.base import OutgoingMessage, ProviderError, SendResult, parse_retry_after
+from channels.fcm import LoopSession
+from streams.records import Channel
+
+__all__ = [
+    "CALLBACK_STATUS",
+    "SmsProvider",
+    "parse_status_callback",
+    "twilio_signature",
+    "validate_signature",
+]
+
+#: Twilio error codes meaning "this number cannot receive our SMS, ever".
+DEAD_NUMBER_CODES = frozenset({21211, 21214, 21217, 21401, 21610, 21614})
+_AUTH_CODES = frozenset({20003, 20005})
+
+#: Twilio message status -> our receipt status.
+CALLBACK_STATUS: dict[str, str] = {
+    "accepted": "queued",
+    "scheduled": "queued",
+    "queued": "queued",
+    "sending": "queued",
+    "sent": "sent",
+    "delivered": "delivered",
+    "read": "delivered",
+    "partially_delivered": "delivered",
+    "undelivered": "failed",
+    "failed": "failed",
+    "canceled": "cancelled",
+}
+
+
+class _Created(msgspec.Struct):
+    sid: str = ""
+
+
+class _Error(msgspec.Struct):
+    code: int | None = None
+    status: int | None = None
+
+
+_created = msgspec.json.Decoder(_Created)
+_error = msgspec.json.Decoder(_Error)
+
+
+def parse_status_callback(form: Mapping[str, str]) -> tuple[str, str, str]:
+    """``(provider_message_id, status, error_code)`` from a status callback's form.
+
+    ``status`` is one of ``queued``, ``sent``, ``delivered``, ``failed``,
+    ``cancelled``; ``error_code`` is Twilio's code for failures ("" otherwise).
+    Raises ``ValueError`` for a form without a message sid or with an unknown status.
+    """
+    sid = form.get("MessageSid") or form.get("SmsSid") or ""
+    raw = (form.get("MessageStatus") or form.get("SmsStatus") or "").strip().lower()
+    if not sid:
+        raise ValueError("status callback without MessageSid")
+    if raw not in CALLBACK_STATUS:
+        raise ValueError(f"unknown message status {raw!r}")
+    return sid, CALLBACK_STATUS[raw], (form.get("ErrorCode") or "").strip()
+
+
+def twilio_signature(url: str, params: Mapping[str, str], auth_token: str) -> str:
+    """``X-Twilio-Signature`` of a webhook request: base64(HMAC-SHA1(token, url +
+    every POST parameter name and value, sorted by name))."""
+    data = url + "".join(f"{k}{params[k]}" for k in sorted(params))
+    digest = hmac.new(auth_token.encode(), data.encode(), hashlib.sha1).digest()
+    return base64.b64encode(digest).decode()
+
+
+def validate_signature(
+    url: str, params: Mapping[str, str], signature: str, auth_token: str
+) -> bool:
+    """Whether a status callback really comes from the account owning ``auth_token``."""
+    expected = twilio_signature(url, params, auth_token)
+    return hmac.compare_digest(expected.encode(), signature.encode())
+
+
+class SmsProvider:
+    """Twilio-Messages-API-shaped SMS provider.
+
+    Give ``from_`` (a number or sender id) or ``messaging_service_sid``.
+    ``status_callback`` is the URL the provider should post delivery statuses to.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        account_sid: str,
+        auth_token: str,
+        *,
+        from_: str = "",
+        messaging_service_sid: str = "",
+        status_callback: str = "",
+        max_concurrency: int = 100,
+        timeout_s: float = 10.0,
+        name: str = "sms",
+    ) -> None:
+        if not account_sid or not auth_token:
+            raise ValueError(f"{name}: account sid and auth token are required")
+        if not from_ and not messaging_service_sid:
+            raise ValueError(f"{name}: a From number or a messaging service sid is required")
+        self.name = name
+        self.channel: Channel = "sms"
+        self.url = f"{base_url.rstrip('/')}/2010-04-01/Accounts/{account_sid}/Messages.json"
+        basic = base64.b64encode(f"{account_sid}:{auth_token}".encode()).decode()
+        self._headers = {
+            "Authorization": f"Basic {basic}",
+            "Content-Type": "application/x-www-form-urlencoded",
+            "Accept": "application/json",
+        }
+        sender = {"MessagingServiceSid": messaging_service_sid} if messaging_service_sid else {}
+        if from_ and not messaging_service_sid:
+            sender = {"From": from_}
+        if status_callback:
+            sender["StatusCallback"] = status_callback
+        self._common = urlencode(sender)
+        self.max_concurrency = max_concurrency
+        self._http = LoopSession(max_concurrency, timeout_s)
+        self._sem: asyncio.Semaphore | None = None
+        self._sem_loop: asyncio.AbstractEventLoop | None = None
+        self._bodies: dict[str, str] = {}
+
+    def _semaphore(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        if self._sem is None or self._sem_loop is not loop:
+            self._sem, self._sem_loop = asyncio.Semaphore(self.max_concurrency), loop
+        return self._sem
+
+    def form(self, msg: OutgoingMessage) -> bytes:
+        """The form-encoded request body for one message."""
+        tail = self._bodies.get(msg.body)
+        if tail is None:
+            if len(self._bodies) > 64:  # one entry per (alert, language) in practice
+                self._bodies.clear()
+            tail = self._bodies[msg.body] = f"&{self._common}&Body={quote_plus(msg.body)}"
+        return f"To={quote_plus(msg.address)}{tail}".encode()
+
+    def _answer(
+        self, msg: OutgoingMessage, status: int, payload: bytes, retry_after: str | None
+    ) -> SendResult:
+        sid = msg.subscriber_id
+        if status in (200, 201):
+            try:
+                mid = _created.decode(payload).sid
+            except msgspec.DecodeError:
+                mid = ""
+            return SendResult(sid, ok=True, provider_message_id=mid)
+        try:
+            code = _error.decode(payload).code
+        except msgspec.DecodeError:
+            code = None
+        error = f"HTTP {status}" + (f" twilio {code}" if code else "")
+        if status == 429 or code == 20429 or status >= 500:
+            return SendResult(
+                sid,
+                ok=False,
+                error=error,
+                retriable=True,
+                retry_after_s=parse_retry_after(retry_after),
+            )
+        if code in DEAD_NUMBER_CODES:
+            return SendResult(sid, ok=False, error=error, invalid_address=True)
+        return SendResult(sid, ok=False, error=error)
+
+    async def send_batch(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+        """Post every message; one result each (see the module doc for the mapping)."""
+        if not messages:
+            return []
+        session = self._http.get()
+        sem = self._semaphore()
+        results: list[SendResult | None] = [None] * len(messages)
+        no_answer = 0
+        auth_failed = 0
+        queue = iter(range(len(messages)))
+
+        async def worker() -> None:
+            nonlocal no_answer, auth_failed
+            for i in queue:
+                msg = messages[i]
+                try:
+                    async with (
+                        sem,
+                        session.post(self.url, data=self.form(msg), headers=self._headers) as resp,
+                    ):
+                        status = resp.status
+                        payload = await resp.read()
+                        retry_after = resp.headers.get("Retry-After")
+                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                    no_answer += 1
+                    results[i] = SendResult(
+                        msg.subscriber_id,
+                        ok=False,
+                        error=f"no answer ({type(exc).__name__})",
+                        retriable=True,
+                    )
+                    continue
+                result = self._answer(msg, status, payload, retry_after)
+                if status in (401, 403) and not result.ok:
+                    auth_failed += 1
+                results[i] = result
+
+        await asyncio.gather(*(worker() for _ in range(min(len(messages), self.max_concurrency))))
+        if no_answer == len(messages):
+            raise ProviderError(f"{self.name}: provider unreachable", retriable=True)
+        if auth_failed == len(messages):
+            raise ProviderError(f"{self.name}: authentication rejected", retriable=False)
+        return [r for r in results if r is not None]
+
+    async def aclose(self) -> None:
+        """Close the HTTP session."""
+        await self._http.close()
