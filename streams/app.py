@@ -166,10 +166,10 @@ def build_app(settings: Settings) -> faust.App:
             except TimeoutError:
                 log.warning("shard %s not caught up; matching what it holds", partition)
             try:
+                view = await shard.view(r.gazetteer)
                 batches, counts, n = match(
-                    request, shard, r.gazetteer,
-                    batch_size=settings.delivery_batch_size, partition=partition,
-                )  # fmt: skip
+                    request, view, batch_size=settings.delivery_batch_size, partition=partition
+                )
             except Exception as exc:
                 log.exception("match failed for alert %s", request.alert_key)
                 await dead("match", "internal_error", event.value, f"{exc!r}")

@@ -29,7 +29,7 @@ from streams.records import (
     Subscription,
     severity_rank,
 )
-from streams.shards import Shard
+from streams.shards import ShardView
 from streams.state import AlertStore, Registration
 
 XML_TYPES = ("application/cap+xml", "application/xml", "text/xml")
@@ -179,12 +179,12 @@ def _wants(sub: Subscription, severity: int, status: str) -> bool:
 
 
 def match(
-    request: MatchRequest, shard: Shard, gazetteer: Gazetteer, *, batch_size: int, partition: int
+    request: MatchRequest, view: ShardView, *, batch_size: int, partition: int
 ) -> tuple[list[DeliveryBatch], dict[Channel, int], int]:
-    """Match one request against one shard; return batches, per-channel counts, subscribers."""
+    """Match one request against one shard's view; return batches, counts per channel and
+    the number of subscribers reached."""
     area = wkb_to_geometry(request.geometry_wkb)
-    index = shard.get_index(gazetteer)
-    matched = index.records(index.match_positions(area))
+    matched = view.match(area)
     severity = severity_rank(request.severity)
     per_channel: dict[Channel, list[Recipient]] = {c: [] for c in CHANNELS}
     subscribers = 0

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -67,9 +69,10 @@ class Runtime:
             max_vertices=settings.max_vertices,
         )
         shards = ShardSet(gazetteer)
+        owner = f"{socket.gethostname()}:{os.getpid()}"
 
         def publish_size(partition: int, size: int) -> None:
-            task = asyncio.ensure_future(store.set_shard_size(partition, size))
+            task = asyncio.ensure_future(store.set_shard_size(partition, size, owner))
             task.add_done_callback(lambda t: t.exception())
 
         reader = SubscriptionReader(

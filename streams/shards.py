@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from shapely.geometry.base import BaseGeometry
 
 from geofencing.gazetteer import Gazetteer
 from geofencing.matcher import SubscriptionIndex
@@ -30,20 +32,61 @@ log = logging.getLogger(__name__)
 _sub_decoder = decoder(Subscription)
 
 
+# A rebuild folds the delta into a new immutable index once it holds this many changes
+# (or once the oldest change is REBUILD_AGE_S old); until then matching pays for a small
+# delta index instead of stalling on a full rebuild (seconds at a million subscriptions).
+REBUILD_DELTA = 2_000
+REBUILD_AGE_S = 30.0
+
+
+@dataclass(frozen=True)
+class ShardView:
+    """An immutable picture of a shard for one match: base index plus the delta.
+
+    ``changed`` ids are answered by ``delta`` only (an upsert's new record, or nothing
+    for a deletion), never by the base, whose record for them is stale.
+    """
+
+    base: SubscriptionIndex
+    delta: SubscriptionIndex | None
+    changed: frozenset[str]
+
+    def match(self, area: BaseGeometry) -> list[Subscription]:
+        """Subscriptions the area reaches, as of this view."""
+        hits = self.base.records(self.base.match_positions(area))
+        if self.changed:
+            hits = [s for s in hits if s.id not in self.changed]
+        if self.delta is not None and len(self.delta):
+            hits += self.delta.records(self.delta.match_positions(area))
+        return hits
+
+
 @dataclass
 class Shard:
-    """The subscriptions of one partition and its (lazily rebuilt) index."""
+    """The subscriptions of one partition, an immutable base index and a live delta.
+
+    Upserts and tombstones land in ``subscriptions`` and in ``changed`` at once, so a
+    match sees them immediately through a small delta index. ``rebuild`` builds a new
+    base from a snapshot in a thread and swaps it in on the event loop (atomically for
+    every match), keeping as delta only what changed after the snapshot was taken.
+    """
 
     subscriptions: dict[str, Subscription] = field(default_factory=dict)
-    index: SubscriptionIndex | None = None
+    base: SubscriptionIndex | None = None
+    changed: set[str] = field(default_factory=set)
+    changed_at: float = 0.0
     caught_up: asyncio.Event = field(default_factory=asyncio.Event)
     rejected: int = 0
+    rebuilds: int = 0
+    _since_snapshot: set[str] | None = None
+    _delta: SubscriptionIndex | None = None
+    _rebuilding: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def apply(self, key: str, value: bytes | None) -> str | None:
         """Upsert or delete (tombstone) one subscription; return a reason if rejected."""
         if value is None:
             if self.subscriptions.pop(key, None) is not None:
-                self.index = None
+                self._touch(key)
             return None
         try:
             sub = _sub_decoder.decode(value)
@@ -54,14 +97,50 @@ class Shard:
             self.rejected += 1
             return "subscription id does not match the record key"
         self.subscriptions[key] = sub
-        self.index = None
+        self._touch(key)
         return None
 
-    def get_index(self, gazetteer: Gazetteer) -> SubscriptionIndex:
-        """The current immutable index, rebuilt first if subscriptions changed."""
-        if self.index is None:
-            self.index = SubscriptionIndex.build(list(self.subscriptions.values()), gazetteer)
-        return self.index
+    def _touch(self, key: str) -> None:
+        if not self.changed:
+            self.changed_at = time.monotonic()
+        self.changed.add(key)
+        if self._since_snapshot is not None:
+            self._since_snapshot.add(key)
+        self._delta = None
+
+    def needs_rebuild(self, now: float) -> bool:
+        """True when the delta is big or old enough to fold into a new base."""
+        if self.base is None:
+            return self.caught_up.is_set()
+        if not self.changed:
+            return False
+        return len(self.changed) >= REBUILD_DELTA or now - self.changed_at >= REBUILD_AGE_S
+
+    async def rebuild(self, gazetteer: Gazetteer) -> None:
+        """Build a new base index from a snapshot off the event loop, then swap it in."""
+        async with self._rebuilding:
+            snapshot = list(self.subscriptions.values())
+            self._since_snapshot = set()
+            try:
+                base = await asyncio.to_thread(SubscriptionIndex.build, snapshot, gazetteer)
+            except BaseException:
+                self._since_snapshot = None
+                raise
+            # The swap: one step on the event loop, so no match sees half of it.
+            self.base, self.changed = base, self._since_snapshot
+            self._since_snapshot, self._delta = None, None
+            self.changed_at = time.monotonic()
+            self.rebuilds += 1
+
+    async def view(self, gazetteer: Gazetteer) -> ShardView:
+        """The current base plus delta; builds the first base if there is none yet."""
+        if self.base is None:
+            await self.rebuild(gazetteer)
+        assert self.base is not None
+        if self.changed and self._delta is None:
+            current = [self.subscriptions[k] for k in self.changed if k in self.subscriptions]
+            self._delta = SubscriptionIndex.build(current, gazetteer)
+        return ShardView(self.base, self._delta, frozenset(self.changed))
 
 
 class ShardSet:
@@ -109,18 +188,21 @@ class SubscriptionReader:
         )
         self._assigned: set[int] = set()
         self._reassign = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         """Connect and start tailing in the background."""
         await self.consumer.start()
-        self._task = asyncio.create_task(self._run(), name="subscription-reader")
+        self._tasks = [
+            asyncio.create_task(self._run(), name="subscription-reader"),
+            asyncio.create_task(self._maintain(), name="shard-rebuilds"),
+        ]
 
     async def stop(self) -> None:
         """Stop tailing and close the consumer."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.consumer.stop()
 
     def follow(self, partitions: Iterable[int]) -> None:
@@ -129,6 +211,18 @@ class SubscriptionReader:
         self._assigned = set(self.shards.shards)
         if added or _removed:
             self._reassign.set()
+
+    async def _maintain(self, interval_s: float = 0.5) -> None:
+        """Fold deltas into new base indexes in the background (see ``Shard.rebuild``)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            now = time.monotonic()
+            for partition, shard in list(self.shards.shards.items()):
+                if shard.needs_rebuild(now):
+                    try:
+                        await shard.rebuild(self.shards.gazetteer)
+                    except Exception:  # keep serving from the old base and delta
+                        log.exception("rebuilding shard %s failed", partition)
 
     async def _apply_assignment(self) -> None:
         tps = [TopicPartition(self.topic, p) for p in sorted(self._assigned)]

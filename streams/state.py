@@ -9,6 +9,7 @@ and the tests. Keys:
 - ``tocsin:counters:<key>``   hash of counters: ``matched``, ``matched:<channel>``,
                               ``<channel>:<status>`` (sent, failed, duplicate, no_contact)
 - ``tocsin:shards``           hash ``<partition>`` -> subscriptions indexed by that shard
+- ``tocsin:shard-owners``     hash ``<partition>`` -> ``host:pid`` of the worker holding it
 - ``tocsin:cancelled:<key>``  the key of the Cancel message that withdrew this alert
 - ``tocsin:warned:<key>:<channel>``  hash subscriber id -> language of everyone warned
 """
@@ -30,6 +31,7 @@ ALERT_SENT = "tocsin:alert-sent:"
 ALERTS = "tocsin:alerts"
 COUNTERS = "tocsin:counters:"
 SHARDS = "tocsin:shards"
+SHARD_OWNERS = "tocsin:shard-owners"
 CANCELLED = "tocsin:cancelled:"
 WARNED = "tocsin:warned:"
 
@@ -172,9 +174,18 @@ class AlertStore:
         raw = await self.redis.hgetall(WARNED + f"{key}:{channel}")
         return {_s(k): _s(v) for k, v in raw.items()}
 
-    async def set_shard_size(self, partition: int, size: int) -> None:
-        """Publish how many subscriptions one shard holds (for readiness and the console)."""
-        await self.redis.hset(SHARDS, str(partition), size)
+    async def set_shard_size(self, partition: int, size: int, owner: str = "") -> None:
+        """Publish how many subscriptions one shard holds and which worker holds it."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(SHARDS, str(partition), size)
+            if owner:
+                pipe.hset(SHARD_OWNERS, str(partition), owner)
+            await pipe.execute()
+
+    async def shard_owners(self) -> dict[int, str]:
+        """Which worker (``host:pid``) last reported holding each shard."""
+        raw = await self.redis.hgetall(SHARD_OWNERS)
+        return {int(_s(k)): _s(v) for k, v in raw.items()}
 
     async def shard_sizes(self) -> dict[int, int]:
         """Subscriptions held per shard partition."""

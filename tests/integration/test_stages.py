@@ -120,14 +120,13 @@ async def test_scatter_and_match_honour_severity_and_test_opt_in(
     }.items():
         shard.apply(sid, encode(Subscription(id=sid, **{**inside, **extra})))  # type: ignore[arg-type]
     shard.apply("zone", None)  # a tombstone erases it
-    batches, counts, n = match(
-        requests[0][1], shard, ingestor.gazetteer, batch_size=500, partition=0
-    )
+    view = await shard.view(ingestor.gazetteer)
+    batches, counts, n = match(requests[0][1], view, batch_size=500, partition=0)
     assert n == 1 and counts == {"push": 1, "sms": 1}
     assert {r.subscriber_id for b in batches for r in b.recipients} == {"everyone"}
     test_request = requests[0][1]
     test_request.status = "Test"
-    assert match(test_request, shard, ingestor.gazetteer, batch_size=500, partition=0)[2] == 0
+    assert match(test_request, view, batch_size=500, partition=0)[2] == 0
 
 
 def test_a_malformed_subscription_record_is_rejected_not_fatal() -> None:
