@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,8 +24,15 @@ from shapely.geometry import Point, Polygon, shape
 from channels.contacts import Contact, ContactStore
 from channels.outbox import read_outbox
 from ops.settings import Settings
-from streams.publish import hazard_record, produce, rebase_cap_times, subscription_records
+from streams.publish import (
+    hazard_record,
+    produce,
+    rebase_cap_times,
+    subscription_records,
+    tombstones,
+)
 from streams.records import CHANNELS, DeadLetter, Subscription, alert_key, decoder
+from streams.state import AlertStore
 from streams.topics import (
     ALERTS,
     DELIVERIES,
@@ -330,3 +338,44 @@ def test_a_cancel_reaches_everyone_already_warned_and_unknown_references_are_rej
     # what was cancelled.
     assert all("CANCELLED" in x["body"] for x in notices)
     assert all("SEVERE THUNDERSTORM" in x["body"].upper() for x in notices)
+
+
+def test_subscription_changes_reach_matching_within_a_second(
+    broker: str, redis_url: str, tmp_path: Path, data_dir: Path
+) -> None:
+    settings = settings_for(broker, redis_url, tmp_path, data_dir)
+    inside = {"kind": "place", "lat": 38.47, "channels": ["push"]}
+    subs = [Subscription(id=f"old{i}", lon=-119.95 + i * 0.001, **inside) for i in range(5)]  # type: ignore[arg-type]
+    contacts = {
+        f"{p}{i}": Contact(push_token=f"tok-{p}{i}") for p in ("old", "new") for i in range(5)
+    }
+    late = [Subscription(id=f"new{i}", lon=-119.94 + i * 0.001, **inside) for i in range(2)]  # type: ignore[arg-type]
+
+    async def scenario() -> float:
+        async with running_worker(settings, tmp_path) as worker:
+            await load(settings, subs, contacts)
+            await wait_indexed(settings, len(subs), worker)
+            client = aioredis.Redis.from_url(settings.redis_url)
+            store = AlertStore(client)
+            started = time.monotonic()
+            # Two new subscribers and one erasure (a tombstone) on the compacted topic.
+            await produce(
+                settings.kafka_bootstrap_servers,
+                settings.topic(SUBSCRIPTIONS),
+                [*subscription_records(late), *tombstones(["old0"])],
+            )
+
+            async def visible() -> bool:
+                return sum((await store.shard_sizes()).values()) == len(subs) + 1
+
+            await wait_until(visible, 10, "the subscription changes", worker.log())
+            elapsed = time.monotonic() - started
+            await client.aclose()
+            await publish(settings, (storm_bytes(data_dir), "application/cap+xml"))
+            await wait_delivered(settings, STORM_KEY, worker)
+        return elapsed
+
+    elapsed = asyncio.run(scenario())
+    assert elapsed < 1.0, f"changes took {elapsed:.2f}s to reach the matcher"
+    warned = {x["subscriber_id"] for x in read_outbox(settings.outbox_path)}
+    assert warned == {"old1", "old2", "old3", "old4", "new0", "new1"}
