@@ -14,8 +14,10 @@ import csv
 import json
 import math
 from collections.abc import Iterator, Mapping
+from datetime import time as dt_time
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from channels.contacts import Contact
 from streams.records import CHANNELS, SEVERITIES, Channel, Subscription
@@ -47,6 +49,23 @@ def _float(value: Any, name: str) -> float | None:
     return number
 
 
+def _quiet_hours(props: Mapping[str, Any]) -> dict[str, str]:
+    window = str(props.get("quiet_hours") or "").strip()
+    zone = str(props.get("timezone") or "UTC").strip()
+    try:
+        ZoneInfo(zone)
+    except (ValueError, ZoneInfoNotFoundError) as exc:
+        raise ValueError(f"unknown timezone {zone!r}") from exc
+    if window:
+        try:
+            start, end = window.split("-")
+            dt_time.fromisoformat(start.strip())
+            dt_time.fromisoformat(end.strip())
+        except ValueError as exc:
+            raise ValueError(f"quiet_hours {window!r} is not HH:MM-HH:MM") from exc
+    return {"quiet_hours": window, "timezone": zone}
+
+
 def build(
     props: Mapping[str, Any], geometry: Mapping[str, Any] | None
 ) -> tuple[Subscription, Contact]:
@@ -68,6 +87,7 @@ def build(
         "language": str(props.get("language") or "en"),
         "min_severity": severity,
         "accept_tests": str(props.get("accept_tests", "")).lower() in ("1", "true", "yes"),
+        **_quiet_hours(props),
     }
     zone = str(props.get("zone") or "").strip()
     if geometry and geometry.get("type") == "Point":

@@ -10,6 +10,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from datetime import time as dt_time
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
@@ -172,10 +175,36 @@ def scatter(alert: Alert, partitions: int, now: float) -> list[tuple[int, MatchR
     return [(p, request) for p in range(partitions)]
 
 
-def _wants(sub: Subscription, severity: int, status: str) -> bool:
+SEVERE = severity_rank("Severe")
+
+
+def in_quiet_hours(quiet_hours: str, timezone: str, now: datetime) -> bool:
+    """True when ``now`` falls in a "HH:MM-HH:MM" window of the citizen's local time.
+
+    A window may wrap midnight ("22:00-07:00"). A malformed window or unknown time zone
+    counts as no quiet hours: when in doubt, warn.
+    """
+    try:
+        start_s, end_s = quiet_hours.split("-")
+        start = dt_time.fromisoformat(start_s.strip())
+        end = dt_time.fromisoformat(end_s.strip())
+        local = now.astimezone(ZoneInfo(timezone or "UTC")).time()
+    except (ValueError, ZoneInfoNotFoundError):
+        return False
+    if start <= end:
+        return start <= local < end
+    return local >= start or local < end
+
+
+def _wants(sub: Subscription, severity: int, status: str, now: datetime) -> bool:
     if status != "Actual" and not sub.accept_tests:
         return False  # Test/Exercise alerts reach only citizens who opted in
-    return severity >= severity_rank(sub.min_severity)
+    if severity < severity_rank(sub.min_severity):
+        return False
+    if sub.quiet_hours and severity < SEVERE:
+        # The citizen asked for silence; Severe and Extreme alerts override it.
+        return not in_quiet_hours(sub.quiet_hours, sub.timezone, now)
+    return True
 
 
 def match(
@@ -186,10 +215,11 @@ def match(
     area = wkb_to_geometry(request.geometry_wkb)
     matched = view.match(area)
     severity = severity_rank(request.severity)
+    wall_clock = datetime.now(UTC)
     per_channel: dict[Channel, list[Recipient]] = {c: [] for c in CHANNELS}
     subscribers = 0
     for sub in matched:
-        if not _wants(sub, severity, request.status):
+        if not _wants(sub, severity, request.status, wall_clock):
             continue
         subscribers += 1
         for channel in sub.channels:

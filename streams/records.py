@@ -152,6 +152,8 @@ class Subscription(msgspec.Struct):
     language: str = "en"
     min_severity: str = "Unknown"
     accept_tests: bool = False
+    quiet_hours: str = ""  # "22:00-07:00" in ``timezone``; Severe/Extreme still get through
+    timezone: str = "UTC"
 
 
 class MatchRequest(msgspec.Struct):

@@ -174,3 +174,23 @@ async def test_update_and_cancel_must_reference_a_known_unexpired_alert(
     cancel = await ingestor.ingest(cap("a4", "Cancel", f"s@example.org,a2,{sent.isoformat()}"), {})
     assert cancel.alerts
     assert await ingestor.store.cancelled_by(update.alerts[0].key) == cancel.alerts[0].key
+
+
+async def test_quiet_hours_hold_back_moderate_alerts_but_not_severe_ones(
+    ingestor: Ingestor, data_dir: Path
+) -> None:
+    [alert] = (await ingestor.ingest(now_bytes(data_dir, STORM), {})).alerts
+    [(_, request)] = scatter(alert, 1, time.time())
+    shard = Shard()
+    hour = datetime.now(UTC).hour
+    window = f"{(hour - 1) % 24:02d}:00-{(hour + 2) % 24:02d}:00"  # around now, may wrap
+    always_quiet = {"quiet_hours": window, "timezone": "UTC"}
+    for sid in ("sleeper", "awake"):
+        extra = always_quiet if sid == "sleeper" else {}
+        sub = Subscription(id=sid, kind="place", lon=-119.95, lat=38.47, channels=["sms"], **extra)  # type: ignore[arg-type]
+        shard.apply(sid, encode(sub))
+    view = await shard.view(ingestor.gazetteer)
+    assert match(request, view, batch_size=10, partition=0)[2] == 2  # Severe overrides
+    request.severity = "Moderate"
+    batches, _, n = match(request, view, batch_size=10, partition=0)
+    assert n == 1 and [r.subscriber_id for r in batches[0].recipients] == ["awake"]
