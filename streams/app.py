@@ -84,7 +84,13 @@ def build_app(settings: Settings) -> faust.App:
 
     raw, dlq, alerts = topic(T.HAZARDS_RAW), topic(T.HAZARDS_DLQ), topic(T.ALERTS)
     match_requests, receipts = topic(T.MATCH_REQUESTS), topic(T.RECEIPTS)
-    deliveries = {c: topic(name) for c, name in T.DELIVERIES.items()}
+    routine = {c: topic(name) for c, name in T.DELIVERIES.items()}
+    urgent = {c: topic(name) for c, name in T.URGENT_DELIVERIES.items()}
+
+    async def deliver(batch: DeliveryBatch) -> None:
+        lane = urgent if batch.urgent else routine
+        await lane[batch.channel].send(key=batch.alert_key.encode(), value=encode(batch))
+
     match_topic_name = settings.topic(T.MATCH_REQUESTS)
 
     runtime: Runtime | None = None
@@ -144,9 +150,7 @@ def build_app(settings: Settings) -> faust.App:
                 for batch in await cancel_followups(
                     alert, r.store, batch_size=settings.delivery_batch_size
                 ):
-                    await deliveries[batch.channel].send(
-                        key=batch.alert_key.encode(), value=encode(batch)
-                    )
+                    await deliver(batch)
 
     @app.agent(match_requests)
     async def match_shard(stream: faust.StreamT) -> None:
@@ -176,9 +180,7 @@ def build_app(settings: Settings) -> faust.App:
                 continue
             await r.store.add_matched(request.alert_key, counts, n)
             for batch in batches:
-                await deliveries[batch.channel].send(
-                    key=batch.alert_key.encode(), value=encode(batch)
-                )
+                await deliver(batch)
 
     async def send_loop(stream: faust.StreamT) -> None:
         async for payload in stream:
@@ -191,12 +193,11 @@ def build_app(settings: Settings) -> faust.App:
             receipt, followup = await _send_one(r, batch)
             await receipts.send(key=batch.alert_key.encode(), value=encode(receipt))
             if followup is not None:
-                await deliveries[followup.channel].send(
-                    key=followup.alert_key.encode(), value=encode(followup)
-                )
+                await deliver(followup)
 
-    for channel, delivery_topic in deliveries.items():
-        app.agent(delivery_topic, name=f"send_{channel}", concurrency=4)(send_loop)
+    for channel in routine:
+        app.agent(routine[channel], name=f"send_{channel}", concurrency=4)(send_loop)
+        app.agent(urgent[channel], name=f"send_{channel}_urgent", concurrency=8)(send_loop)
 
     @app.agent(receipts)
     async def count_receipts(stream: faust.StreamT) -> None:
@@ -261,6 +262,7 @@ async def _send_one(r: Runtime, batch: DeliveryBatch) -> tuple[Receipt, Delivery
             channel=batch.channel,
             recipients=[Recipient(sid, lang) for sid, lang in warned.items()],
             produced_at=time.time(),
+            urgent=True,
         )
         return receipt, notice
     return receipt, None

@@ -171,6 +171,7 @@ def scatter(alert: Alert, partitions: int, now: float) -> list[tuple[int, MatchR
         severity=alert.max_severity,
         status=alert.status,
         produced_at=now,
+        urgent=alert.urgent,
     )
     return [(p, request) for p in range(partitions)]
 
@@ -235,6 +236,7 @@ def match(
                     recipients=recipients[start : start + batch_size],
                     partition=partition,
                     produced_at=now,
+                    urgent=request.urgent,
                 )
             )
     counts = {c: len(r) for c, r in per_channel.items() if r}
@@ -263,6 +265,7 @@ async def cancel_followups(
                         channel=channel,
                         recipients=recipients[start : start + batch_size],
                         produced_at=now,
+                        urgent=True,  # a cancellation must outrun the alert it withdraws
                     )
                 )
     return batches

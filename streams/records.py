@@ -124,6 +124,11 @@ class Alert(msgspec.Struct):
         return alert_key(self.sender, self.identifier)
 
     @property
+    def urgent(self) -> bool:
+        """Extreme severity or Immediate urgency in any info block: the priority lane."""
+        return any(i.severity == "Extreme" or i.urgency == "Immediate" for i in self.infos)
+
+    @property
     def max_severity(self) -> str:
         """The highest severity across info blocks (CAP allows one per language)."""
         if not self.infos:
@@ -165,6 +170,7 @@ class MatchRequest(msgspec.Struct):
     status: str
     v: int = SCHEMA_VERSION
     produced_at: float = 0.0
+    urgent: bool = False  # Extreme severity or Immediate urgency: the priority lane
 
 
 class Recipient(msgspec.Struct, array_like=True):
@@ -183,6 +189,7 @@ class DeliveryBatch(msgspec.Struct):
     v: int = SCHEMA_VERSION
     partition: int = 0
     produced_at: float = 0.0
+    urgent: bool = False
 
 
 DeliveryStatus = Literal["sent", "failed", "duplicate", "no_contact", "cancelled", "expired"]

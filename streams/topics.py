@@ -20,6 +20,9 @@ ALERTS = "alerts"
 SUBSCRIPTIONS = "subscriptions"
 MATCH_REQUESTS = "match.requests"
 DELIVERIES = {"push": "deliveries.push", "sms": "deliveries.sms", "email": "deliveries.email"}
+# Extreme or Immediate alerts travel on their own topics, consumed by their own agents,
+# so they overtake routine deliveries already queued instead of waiting behind them.
+URGENT_DELIVERIES = {c: f"{name}.urgent" for c, name in DELIVERIES.items()}
 RECEIPTS = "receipts"
 
 # Kafka record headers used across stages.
@@ -46,6 +49,7 @@ def pipeline_topics() -> list[TopicSpec]:
         TopicSpec(SUBSCRIPTIONS, compacted=True),
         TopicSpec(MATCH_REQUESTS),
         *(TopicSpec(name) for name in DELIVERIES.values()),
+        *(TopicSpec(name) for name in URGENT_DELIVERIES.values()),
         TopicSpec(RECEIPTS),
     ]
 

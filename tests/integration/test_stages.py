@@ -194,3 +194,21 @@ async def test_quiet_hours_hold_back_moderate_alerts_but_not_severe_ones(
     request.severity = "Moderate"
     batches, _, n = match(request, view, batch_size=10, partition=0)
     assert n == 1 and [r.subscriber_id for r in batches[0].recipients] == ["awake"]
+
+
+async def test_extreme_or_immediate_alerts_take_the_priority_lane(
+    ingestor: Ingestor, data_dir: Path
+) -> None:
+    [storm] = (await ingestor.ingest(now_bytes(data_dir, STORM), {})).alerts
+    assert storm.urgent  # the NWS storm is Immediate
+    [(_, request)] = scatter(storm, 1, time.time())
+    shard = Shard()
+    shard.apply(
+        "x", encode(Subscription(id="x", kind="place", lon=-119.95, lat=38.47, channels=["sms"]))
+    )
+    batches, _, _ = match(request, await shard.view(ingestor.gazetteer), batch_size=10, partition=0)
+    assert batches and all(b.urgent for b in batches)
+    routine = now_bytes(data_dir, STORM).replace(b"Immediate", b"Expected")
+    routine = routine.replace(b"KSTO1055887203", b"KSTO-routine")
+    [watch] = (await ingestor.ingest(routine, {})).alerts
+    assert not watch.urgent  # Severe but Expected: the routine lane
