@@ -47,8 +47,9 @@ class Settings(BaseSettings):
     broker_rebalance_timeout_s: float = 3.0
     broker_session_timeout_s: float = 10.0
     broker_heartbeat_interval_s: float = 1.0
-    worker_web_port: int = 0
-    worker_web_enabled: bool = False
+    # /metrics, /healthz and /readyz of a worker; port 0 = not served.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
     log_level: str = "info"
 
     # -- data ------------------------------------------------------------------------

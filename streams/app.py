@@ -24,6 +24,14 @@ import faust
 import msgspec
 
 from channels.sender import send_batch
+from ops.metrics import (
+    DEAD_LETTERS,
+    FIRST_SEND_SECONDS,
+    INGESTED,
+    MATCH_SECONDS,
+    MATCHED,
+    SENDS,
+)
 from ops.settings import Settings
 from streams import topics as T
 from streams.lifecycle import expired
@@ -72,8 +80,7 @@ def build_app(settings: Settings) -> faust.App:
         broker_session_timeout=settings.broker_session_timeout_s,
         broker_heartbeat_interval=settings.broker_heartbeat_interval_s,
         producer_linger_ms=1,
-        web_enabled=settings.worker_web_enabled,
-        web_port=settings.worker_web_port or 6066,
+        web_enabled=False,  # ops.metrics serves /metrics, /healthz and /readyz instead
         topic_allow_declare=False,  # `tocsin` creates every topic with its own shape
     )
 
@@ -108,6 +115,7 @@ def build_app(settings: Settings) -> faust.App:
             reason=reason, stage=stage, payload=payload[:65536], detail=detail[:2000],
             rejected_at=time.time(),
         )  # fmt: skip
+        DEAD_LETTERS.labels(stage, reason).inc()
         await dlq.send(value=encode(letter))
 
     @app.on_partitions_assigned.connect
@@ -129,8 +137,14 @@ def build_app(settings: Settings) -> faust.App:
                 continue
             for letter in outcome.dead:
                 log.info("hazard rejected: %s (%s)", letter.reason, letter.detail[:200])
+                INGESTED.labels("rejected", letter.reason).inc()
+                DEAD_LETTERS.labels("ingest", letter.reason).inc()
                 await dlq.send(value=encode(letter))
+            INGESTED.labels("duplicate", "").inc(outcome.duplicates)
             for alert in outcome.alerts:
+                INGESTED.labels("accepted", "").inc()
+                log.info("alert %s accepted: %s %s from %s", alert.key, alert.status,
+                         alert.msg_type, alert.sender)  # fmt: skip
                 await alerts.send(key=alert.key.encode(), value=encode(alert))
 
     @app.agent(alerts)
@@ -171,13 +185,18 @@ def build_app(settings: Settings) -> faust.App:
                 log.warning("shard %s not caught up; matching what it holds", partition)
             try:
                 view = await shard.view(r.gazetteer)
-                batches, counts, n = match(
-                    request, view, batch_size=settings.delivery_batch_size, partition=partition
-                )
+                with MATCH_SECONDS.time():
+                    batches, counts, n = match(
+                        request, view, batch_size=settings.delivery_batch_size,
+                        partition=partition,
+                    )  # fmt: skip
             except Exception as exc:
                 log.exception("match failed for alert %s", request.alert_key)
                 await dead("match", "internal_error", event.value, f"{exc!r}")
                 continue
+            for channel, count in counts.items():
+                MATCHED.labels(channel).inc(count)
+            log.info("alert %s: shard %s matched %d subscribers", request.alert_key, partition, n)
             await r.store.add_matched(request.alert_key, counts, n)
             for batch in batches:
                 await deliver(batch)
@@ -240,6 +259,8 @@ async def _send_one(r: Runtime, batch: DeliveryBatch) -> tuple[Receipt, Delivery
         return _settle(batch, "expired", "alert expired before it could be sent"), None
     if await r.store.cancelled_by(batch.alert_key):
         return _settle(batch, "cancelled", "alert was cancelled before it was sent"), None
+    if alert.origin_ts:
+        FIRST_SEND_SECONDS.labels(batch.channel).observe(max(0.0, time.time() - alert.origin_ts))
     try:
         receipt = await send_batch(
             batch, alert, contacts=r.contacts, guard=r.guard,
@@ -249,6 +270,8 @@ async def _send_one(r: Runtime, batch: DeliveryBatch) -> tuple[Receipt, Delivery
         log.exception("send failed for alert %s", batch.alert_key)
         reason = "internal error: " + traceback.format_exc(limit=1).splitlines()[-1]
         return _settle(batch, "failed", reason), None
+    for result in receipt.results:
+        SENDS.labels(batch.channel, receipt.provider, result.status).inc()
     languages = {x.subscriber_id: x.language for x in batch.recipients}
     warned = {x.subscriber_id: languages[x.subscriber_id] for x in receipt.results
               if x.status == "sent"}  # fmt: skip

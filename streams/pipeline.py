@@ -107,6 +107,10 @@ class Ingestor:
         """One raw message from ``hazards.raw`` -> alerts to publish and dead letters."""
         ctype = headers.get("content-type", b"").decode("latin-1")
         source = headers.get("source", b"").decode("latin-1")
+        try:
+            origin = float(headers.get("tocsin-produced-at", b"0"))
+        except ValueError:
+            origin = 0.0
         outcome = IngestOutcome()
         try:
             alerts = self.parse(payload, ctype, source)
@@ -116,6 +120,7 @@ class Ingestor:
         now = self.clock()
         for alert in alerts:
             alert.received_at = now
+            alert.origin_ts = origin or now
             reason, detail = self._route(alert, now)
             if not reason:
                 reason, detail = await check_references(alert, self.store, now)

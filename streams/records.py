@@ -115,6 +115,7 @@ class Alert(msgspec.Struct):
     geometry_wkb: bytes | None = None
     warnings: list[str] = msgspec.field(default_factory=list)
     received_at: float = 0.0
+    origin_ts: float = 0.0  # when the message reached hazards.raw (end-to-end latency)
     # ``<code>`` values (special handling profiles such as "IPAWSv1.0"); added last.
     codes: list[str] = msgspec.field(default_factory=list)
 

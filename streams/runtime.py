@@ -13,12 +13,14 @@ import socket
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from aiohttp import web
 
 from channels import registry
 from channels.base import Provider
 from channels.contacts import ContactStore
 from channels.idempotency import IdempotencyGuard
 from geofencing.gazetteer import Gazetteer, default_gazetteer
+from ops.metrics import SHARD_SIZE, serve_health
 from ops.settings import Settings
 from streams.cap import CapLimits
 from streams.pipeline import Ingestor
@@ -54,6 +56,7 @@ class Runtime:
     guard: IdempotencyGuard
     renderer: Renderer
     providers: dict[str, list[Provider]]
+    health: web.AppRunner | None = None
 
     @classmethod
     async def create(cls, settings: Settings) -> Runtime:
@@ -72,6 +75,7 @@ class Runtime:
         owner = f"{socket.gethostname()}:{os.getpid()}"
 
         def publish_size(partition: int, size: int) -> None:
+            SHARD_SIZE.labels(str(partition)).set(size)
             task = asyncio.ensure_future(store.set_shard_size(partition, size, owner))
             task.add_done_callback(lambda t: t.exception())
 
@@ -82,7 +86,15 @@ class Runtime:
             on_size=publish_size,
         )
         await reader.start()
+        health = None
+        if settings.metrics_port:
+
+            def ready() -> bool:
+                return all(s.caught_up.is_set() for s in shards.shards.values())
+
+            health = await serve_health(settings.metrics_host, settings.metrics_port, ready)
         return cls(
+            health=health,
             settings=settings,
             redis=client,
             store=store,
@@ -101,6 +113,8 @@ class Runtime:
     async def close(self) -> None:
         """Stop the reader, close providers and Redis."""
         await self.reader.stop()
+        if self.health is not None:
+            await self.health.cleanup()
         for providers in self.providers.values():
             for provider in providers:
                 await provider.aclose()

@@ -14,6 +14,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 import pyproj
 import pytest
@@ -23,6 +24,7 @@ from shapely.geometry import Point, Polygon, shape
 
 from channels.contacts import Contact, ContactStore
 from channels.outbox import read_outbox
+from ops.devstack import free_port
 from ops.settings import Settings
 from streams.publish import (
     hazard_record,
@@ -201,16 +203,31 @@ def test_exactly_the_subscribers_inside_the_area_are_warned_once_per_channel(
 def test_bad_input_goes_to_the_dlq_with_a_reason_and_the_stream_keeps_flowing(
     broker: str, redis_url: str, tmp_path: Path, data_dir: Path
 ) -> None:
-    settings = settings_for(broker, redis_url, tmp_path, data_dir)
+    metrics_port = free_port()
+    settings = settings_for(broker, redis_url, tmp_path, data_dir).model_copy(
+        update={"metrics_port": metrics_port}
+    )
     subs = [Subscription(id="inside", kind="place", lon=-119.95, lat=38.47, channels=["sms"])]
     malformed = (
         data_dir / "cap/invalid/google-cap-library__invalid_missing_scope.cap"
     ).read_bytes()
 
+    base = f"http://127.0.0.1:{metrics_port}"
+    metrics: list[str] = []
+
     async def scenario() -> list[DeadLetter]:
-        async with running_worker(settings, tmp_path) as worker:
+        async with running_worker(settings, tmp_path) as worker, aiohttp.ClientSession() as http:
             await load(settings, subs, {"inside": Contact(phone="+15550000001")})
             await wait_indexed(settings, 1, worker)
+
+            async def ready() -> bool:
+                try:
+                    async with http.get(f"{base}/readyz") as response:
+                        return response.status == 200
+                except aiohttp.ClientError:
+                    return False
+
+            await wait_until(ready, 30, "/readyz", worker.log())
             await publish(
                 settings,
                 (malformed, "application/cap+xml"),
@@ -219,9 +236,17 @@ def test_bad_input_goes_to_the_dlq_with_a_reason_and_the_stream_keeps_flowing(
             )
             await wait_delivered(settings, STORM_KEY, worker)
             records = await read_topic(broker, settings.topic(HAZARDS_DLQ), expected=2)
+            async with http.get(f"{base}/metrics") as response:
+                metrics.append(await response.text())
         return [decoder(DeadLetter).decode(r.value) for r in records]
 
     letters = asyncio.run(scenario())
+    text = metrics[0]
+    assert 'tocsin_ingest_total{outcome="accepted",reason=""} 1.0' in text
+    assert 'tocsin_ingest_total{outcome="rejected",reason="unknown_content_type"} 1.0' in text
+    assert 'tocsin_sends_total{channel="sms",provider="outbox",status="sent"} 1.0' in text
+    assert 'tocsin_end_to_end_seconds_count{channel="sms"} 1.0' in text
+    assert "+15550000001" not in text
     reasons = sorted(letter.reason for letter in letters)
     assert len(letters) == 2, reasons
     assert all(letter.stage == "ingest" and letter.detail for letter in letters)
