@@ -174,9 +174,10 @@ def subscribers_load(
 
 def _register_subcommands() -> None:
     """Command groups that live in their own modules (kept small, one concern each)."""
-    from ops import cli_cap, cli_match
+    from ops import cli_api, cli_cap, cli_match
 
     app.add_typer(cli_cap.app, name="cap")
+    app.command("api")(cli_api.api)
     app.command("match")(cli_match.match)
 
 
