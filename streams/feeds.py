@@ -38,7 +38,7 @@ from lxml import etree
 from streams.cap import CAP_NAMESPACES, CapError, CapLimits, parse_cap, parse_xml
 
 ATOM_NS = "http://www.w3.org/2005/Atom"
-CAP_TYPES = ("application/cap+xml", "application/xml", "text/xml")
+CAP_MIME = "application/cap+xml"
 FEED_LIMITS = CapLimits(max_bytes=16_000_000)  # index feeds of national services are big
 _json = msgspec.json.Decoder()
 
@@ -150,7 +150,7 @@ def _pick_link(links: Sequence[etree._Element], base: str) -> str | None:
         href, kind = link.get("href"), (link.get("type") or "").split(";")[0].strip()
         if not href or link.get("rel", "alternate") not in ("alternate", "related", "enclosure"):
             continue
-        rank = 0 if kind == "application/cap+xml" else 1 if not kind or "xml" in kind else 2
+        rank = 0 if kind == CAP_MIME else 1 if not kind or "xml" in kind else 2
         if rank < 2 and (best is None or rank < best[0]):
             best = (rank, urljoin(base, href))
     return best[1] if best else None
@@ -183,7 +183,7 @@ def _atom(root: etree._Element, base: str, index: FeedIndex) -> None:
                                  or "").strip(), (el.findtext(f"{a}title") or "").strip())
         entry.embedded = _embedded_alert(el.find(f"{a}content"))
         entry.link = _pick_link(el.findall(f"{a}link"), base)
-        _add(index, entry, n)
+        _add(index, entry)
 
 
 def _rss(root: etree._Element, base: str, index: FeedIndex) -> None:
@@ -194,7 +194,7 @@ def _rss(root: etree._Element, base: str, index: FeedIndex) -> None:
     for n, item in enumerate(channel.iter("item"), 1):
         link = (item.findtext("link") or "").strip()
         for enclosure in item.findall("enclosure"):
-            if enclosure.get("type", "").startswith(CAP_TYPES[0]) and enclosure.get("url"):
+            if enclosure.get("type", "").startswith(CAP_MIME) and enclosure.get("url"):
                 link = enclosure.get("url", "")
         item_id = (item.findtext("guid") or "").strip() or link
         if not item_id:
@@ -203,10 +203,10 @@ def _rss(root: etree._Element, base: str, index: FeedIndex) -> None:
         entry = Entry(item_id, (item.findtext("pubDate") or "").strip(),
                       (item.findtext("title") or "").strip(),
                       urljoin(base, link) if link else None)
-        _add(index, entry, n)
+        _add(index, entry)
 
 
-def _add(index: FeedIndex, entry: Entry, n: int) -> None:
+def _add(index: FeedIndex, entry: Entry) -> None:
     if entry.link and urlparse(entry.link).scheme not in ("http", "https"):
         index.problems.append(f"entry {entry.id}: link {entry.link!r} is not http(s); ignored")
         entry.link = None
@@ -355,7 +355,11 @@ class Poller:
 
 
 class CapIndexPoller(Poller):
-    """Atom / RSS CAP index: follows each new entry's link (or takes its embedded CAP)."""
+    """Atom / RSS CAP index: each new entry's CAP document, produced oldest first.
+
+    An ``<alert>`` embedded in the entry's ``<content>`` is taken as is (no fetch);
+    otherwise the entry's CAP link is fetched (see ``_pick_link`` for which link).
+    """
 
     concurrency = 4  # linked documents fetched in parallel, produced in feed order
 
@@ -371,14 +375,14 @@ class CapIndexPoller(Poller):
 
         async def document(entry: Entry) -> tuple[bytes, str] | FetchError:
             if entry.embedded is not None:
-                return entry.embedded, "application/cap+xml"
+                return entry.embedded, CAP_MIME
             assert entry.link is not None
             async with gate:
                 try:
                     resp = await self.fetch(entry.link)
                 except FetchError as exc:
                     return exc
-            return resp.body, resp.content_type.split(";")[0].strip() or "application/cap+xml"
+            return resp.body, resp.content_type.split(";")[0].strip() or CAP_MIME
 
         complete = True
         for entry, doc in zip(entries, await asyncio.gather(*map(document, entries)),

@@ -242,3 +242,28 @@ T = TypeVar("T")
 def decoder(cls: type[T]) -> msgspec.json.Decoder[T]:
     """A reusable strict JSON decoder for one record type."""
     return msgspec.json.Decoder(cls)
+
+
+# -- HTTP API (issue 6) -------------------------------------------------------------------
+class AuditEvent(msgspec.Struct):
+    """One entry of the API's append-only audit log (Redis stream and ``audit`` topic).
+
+    ``prev`` is the ``hash`` of the entry before it (``""`` for the first) and ``hash``
+    the SHA-256 of this entry encoded with ``hash=""``: changing, removing or reordering
+    any entry breaks every later link. ``alert`` is a draft id or CAP alert key; ``ip``
+    is the client address. Never a citizen's contact detail or place.
+    """
+
+    seq: int
+    at: float
+    actor: str
+    roles: list[str]
+    org: str
+    action: str
+    v: int = SCHEMA_VERSION
+    alert: str = ""
+    ip: str = ""
+    outcome: str = "ok"  # ok | denied | failed
+    detail: str = ""
+    prev: str = ""
+    hash: str = ""

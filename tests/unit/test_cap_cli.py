@@ -96,6 +96,24 @@ def test_geocode_only_areas_resolve_through_the_gazetteer() -> None:
     assert any("MTZ014" in w for w in nws["warnings"])  # type: ignore[attr-defined]
 
 
+def test_ugc_zone_and_county_codes(tmp_path: Path) -> None:
+    from shapely.geometry import Point, shape
+
+    path = tmp_path / "ugc.xml"
+    path.write_bytes(minimal(
+        "<geocode><valueName>UGC</valueName><value>MNZ020</value></geocode></area><area>"
+        "<areaDesc>county</areaDesc>"
+        "<geocode><valueName>UGC</valueName><value>NVC013</value></geocode>"))
+    code, out, err = run("--json", str(path))
+    assert (code, err) == (0, "")
+    [view] = json_lines(out)
+    zone, county = (shape(a["geometry"]) for a in view["info"][0]["areas"])  # type: ignore[index]
+    assert zone.contains(Point(-91.67, 47.02))  # Two Harbors: NWS zone MNZ020, "Southern
+    assert not zone.contains(Point(-92.1, 46.78))  # Lake/North Shore"; Duluth is not in it
+    assert county.contains(Point(-117.74, 40.97))  # Winnemucca: Humboldt County (32013)
+    assert view["warnings"] == []
+
+
 def test_unknown_geocode_is_valid_with_null_geometry(tmp_path: Path) -> None:
     path = tmp_path / "unknown.xml"
     path.write_bytes(minimal("<geocode><valueName>XYZ</valueName><value>1</value></geocode>"))
