@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -62,6 +63,10 @@ class Settings(BaseSettings):
     max_polygons: int = 5_000
     max_vertices: int = 500_000
     max_depth: int = 64
+    # A YAML/JSON sender registry (see streams/authority.py); empty: open mode, every
+    # sender accepted with a warning on the alert.
+    senders_file: str = ""
+    cap_strict_schema: bool = False  # also validate against the OASIS XSDs
 
     # -- fan-out and channels ----------------------------------------------------------
     delivery_batch_size: int = Field(default=500, ge=1)
@@ -126,6 +131,43 @@ class Settings(BaseSettings):
     # -- API ---------------------------------------------------------------------------
     api_host: str = "127.0.0.1"
     api_port: int = 8080
+
+    # -- API (issue 6) -----------------------------------------------------------------
+    api_token_secret: str = Field(
+        default="",
+        description="HMAC-SHA256 key for API/citizen token and OTP hashes; empty: a random "
+        "per-process key (tokens then do not survive a restart)",
+    )
+    api_bootstrap_admin_token: str = Field(
+        default="", description="if set, an admin user authenticating with this token exists"
+    )
+    api_jwt_secret: str = Field(default="", description="HS256 key; empty: JWT auth disabled")
+    api_jwt_issuer: str = ""
+    api_jwt_audience: str = ""
+    api_approval_policy: Literal["every_actual", "from_severity"] = Field(
+        default="every_actual",
+        description="which Actual alerts need a second person's approval",
+    )
+    api_approval_min_severity: str = Field(
+        default="Severe", description="with from_severity: this CAP severity and above"
+    )
+    api_default_expiry_min: int = Field(default=60, ge=1, le=7 * 24 * 60)
+    api_jurisdiction_tolerance_m: float = Field(default=2_000.0, ge=0)
+    api_max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    api_rate_token_per_min: int = Field(default=600, ge=1)
+    api_rate_public_per_min: int = Field(default=120, ge=1)
+    api_rate_citizen_per_min: int = Field(default=30, ge=1)
+    api_rate_webhook_per_min: int = Field(default=600, ge=1)
+    api_trust_forwarded_for: bool = Field(
+        default=False, description="take the client IP from X-Forwarded-For (behind a proxy)"
+    )
+    api_otp_ttl_s: int = Field(default=600, ge=30)
+    api_otp_max_attempts: int = Field(default=5, ge=1)
+    api_public_k: int = Field(default=10, ge=2, description="k-anonymity threshold")
+    api_public_url: str = Field(default="", description="external base URL (feeds, webhooks)")
+    api_preview_wait_s: float = Field(
+        default=10.0, ge=0, description="how long a preview waits for the index to load"
+    )
 
     def topic(self, name: str) -> str:
         """Full topic name with the configured prefix: ``<prefix>hazards.raw``."""

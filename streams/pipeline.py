@@ -18,6 +18,7 @@ import msgspec
 
 from geofencing.areas import geometry_to_wkb, resolve_alert_geometry, wkb_to_geometry
 from geofencing.gazetteer import Gazetteer
+from streams.authority import SenderRegistry, authorise
 from streams.cap import CapError, CapLimits, parse_cap
 from streams.hazard_json import parse_hazard_json
 from streams.lifecycle import check_references, expired, parse_references
@@ -74,11 +75,15 @@ class Ingestor:
         store: AlertStore,
         *,
         limits: CapLimits | None = None,
+        senders: SenderRegistry | None = None,
+        strict_schema: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.gazetteer = gazetteer
         self.store = store
         self.limits = limits or CapLimits()
+        self.senders = senders or SenderRegistry()
+        self.strict_schema = strict_schema
         self.clock = clock
 
     def _dead(
@@ -98,7 +103,7 @@ class Ingestor:
         """Parse by content type; raises CapError with a reason code."""
         kind = detect_content_type(payload, ctype)
         if kind == "xml":
-            return parse_cap(payload, limits=self.limits, source=source)
+            return parse_cap(payload, limits=self.limits, source=source, strict=self.strict_schema)
         if kind == "json":
             return parse_hazard_json(payload, source=source)
         raise CapError("unknown_content_type", f"neither XML nor JSON (content-type {ctype!r})")
@@ -122,6 +127,8 @@ class Ingestor:
             alert.received_at = now
             alert.origin_ts = origin or now
             reason, detail = self._route(alert, now)
+            if not reason:
+                reason, detail = self._authorise(alert, payload)
             if not reason:
                 reason, detail = await check_references(alert, self.store, now)
             if not reason and alert.msg_type == "Cancel" and not alert.infos:
@@ -150,6 +157,15 @@ class Ingestor:
                 alert.infos = [msgspec.structs.replace(i, areas=[]) for i in earlier.infos]
                 alert.warnings.append(f"no <info>: cancellation text taken from {ref.identifier}")
                 return
+
+    def _authorise(self, alert: Alert, payload: bytes) -> tuple[str, str]:
+        """The sender may alert this area and event (and signed it, where required)."""
+        geometry = wkb_to_geometry(alert.geometry_wkb) if alert.geometry_wkb else None
+        problems = authorise(alert, geometry, self.senders, payload=payload)
+        if not problems:
+            return "", ""
+        reason = problems[0].split(":", 1)[0]
+        return reason, "; ".join(problems)
 
     def _route(self, alert: Alert, now: float) -> tuple[str, str]:
         """Resolve the alert's geometry in place; return a rejection (reason, detail) or empty."""

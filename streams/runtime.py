@@ -19,9 +19,10 @@ from channels import registry
 from channels.base import Provider
 from channels.contacts import ContactStore
 from channels.idempotency import IdempotencyGuard
-from geofencing.gazetteer import Gazetteer, default_gazetteer
+from geofencing.gazetteer import Gazetteer, standard_gazetteer
 from ops.metrics import SHARD_SIZE, serve_health
 from ops.settings import Settings
+from streams.authority import SenderRegistry
 from streams.cap import CapLimits
 from streams.pipeline import Ingestor
 from streams.records import CHANNELS
@@ -63,7 +64,12 @@ class Runtime:
         """Connect to Redis, load the gazetteer, start the subscription reader."""
         client = aioredis.Redis.from_url(settings.redis_url)
         store = AlertStore(client)
-        gazetteer = default_gazetteer(settings.data_dir)
+        gazetteer = standard_gazetteer(settings.data_dir)
+        senders = (
+            SenderRegistry.load(settings.senders_file, gazetteer)
+            if settings.senders_file
+            else SenderRegistry()
+        )
         limits = CapLimits(
             max_bytes=settings.max_message_bytes,
             max_depth=settings.max_depth,
@@ -99,7 +105,13 @@ class Runtime:
             redis=client,
             store=store,
             gazetteer=gazetteer,
-            ingestor=Ingestor(gazetteer, store, limits=limits),
+            ingestor=Ingestor(
+                gazetteer,
+                store,
+                limits=limits,
+                senders=senders,
+                strict_schema=settings.cap_strict_schema,
+            ),
             shards=shards,
             reader=reader,
             contacts=ContactStore(client),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from geofencing.gazetteer import default_gazetteer
+from streams.authority import SenderRegistry
 from streams.pipeline import Ingestor, detect_content_type, match, scatter
 from streams.publish import rebase_cap_times
 from streams.records import Subscription, encode
@@ -212,3 +214,34 @@ async def test_extreme_or_immediate_alerts_take_the_priority_lane(
     routine = routine.replace(b"KSTO1055887203", b"KSTO-routine")
     [watch] = (await ingestor.ingest(routine, {})).alerts
     assert not watch.urgent  # Severe but Expected: the routine lane
+
+
+async def test_the_sender_registry_bounds_who_may_alert_where(
+    redis_url: str, data_dir: Path, tmp_path: Path
+) -> None:
+    registry_file = tmp_path / "senders.yaml"
+    registry_file.write_text(
+        "policy: strict\n"
+        "senders:\n"
+        "  - sender: KSTO@NWS.NOAA.GOV\n"
+        "    jurisdiction: {codes: ['FIPS:06109', 'FIPS:06003', 'FIPS:06009']}\n"
+        "    event_codes: [SVR]\n"
+        "  - sender: KAR0@example.org\n"
+        "    jurisdiction: {codes: ['FIPS:06075']}\n"  # San Francisco, not Los Angeles
+    )
+    gazetteer = default_gazetteer(data_dir)
+    client = aioredis.Redis.from_url(redis_url)
+    ingestor = Ingestor(
+        gazetteer, AlertStore(client), senders=SenderRegistry.load(registry_file, gazetteer)
+    )
+    try:
+        storm = await ingestor.ingest(now_bytes(data_dir, STORM), {})
+        assert storm.alerts and not storm.dead  # inside its jurisdiction, allowed event
+        amber = await ingestor.ingest(now_bytes(data_dir, AMBER), {})
+        assert [d.reason for d in amber.dead] == ["unknown_sender"]
+        moved = now_bytes(data_dir, AMBER).replace(b"<sender>", b"<sender>KAR0@example.org<x>")
+        moved = re.sub(rb"<sender>KAR0@example.org<x>[^<]*", b"<sender>KAR0@example.org", moved)
+        outside = await ingestor.ingest(moved, {})
+        assert [d.reason for d in outside.dead] == ["outside_jurisdiction"]
+    finally:
+        await client.aclose()
