@@ -110,8 +110,13 @@ return n
 
 
 def idem_key(alert_key: str, channel: str, subscriber_id: str, prefix: str = "tocsin:idem:") -> str:
-    """The idempotency key of one (alert, channel, subscriber)."""
-    return f"{prefix}{alert_key}:{channel}:{subscriber_id}"
+    """The idempotency key of one (alert, channel, citizen).
+
+    A citizen's places are subscriptions ``<citizen>:<place>``; the key uses the citizen
+    part, so someone whose home and work are both in the area is warned once.
+    """
+    citizen = subscriber_id.split(":", 1)[0]
+    return f"{prefix}{alert_key}:{channel}:{citizen}"
 
 
 class IdempotencyGuard:

@@ -345,6 +345,13 @@ async def send_batch(
         batch, alert, guard, providers, renderer, max_attempts, backoff_base_s, backoff_max_s
     )
     order = list(dict.fromkeys(r.subscriber_id for r in batch.recipients))
+    # Several places of one citizen share one idempotency key: the first place in the
+    # batch speaks for the citizen, the others settle as duplicates.
+    first_of: dict[str, str] = {}
+    for sid in order:
+        if first_of.setdefault(run.key(sid), sid) != sid:
+            run.result(sid, "duplicate", "another place of the same citizen")
+    order = [sid for sid in order if first_of[run.key(sid)] == sid]
 
     addresses = await contacts.get_addresses(order, batch.channel)
     for sid in order:

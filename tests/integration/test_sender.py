@@ -221,6 +221,31 @@ async def test_batch_of_1000_delivered_once_then_duplicate(r: aioredis.Redis, ou
     assert len(read_outbox(outbox)) == 1000
 
 
+async def test_a_citizen_with_several_places_in_the_area_is_warned_once(
+    r: aioredis.Redis, outbox: Path
+) -> None:
+    store = ContactStore(r)
+    for place in ("home", "work", "school"):
+        await store.put(f"ana:{place}", Contact(phone="+15550100001"))
+    await store.put("bo:home", Contact(phone="+15550100002"))
+    provider = OutboxProvider(outbox, "sms")
+    first = DeliveryBatch(
+        alert_key=ALERT.key,
+        channel="sms",
+        recipients=[Recipient(s, "en") for s in ("ana:home", "bo:home", "ana:work")],
+    )
+    receipt = await deliver(r, first, [provider])
+    assert [(x.subscriber_id, x.status) for x in receipt.results] == [
+        ("ana:home", "sent"), ("bo:home", "sent"), ("ana:work", "duplicate"),
+    ]  # fmt: skip
+    # Another batch (another shard) naming a third place of hers: still once.
+    later = DeliveryBatch(
+        alert_key=ALERT.key, channel="sms", recipients=[Recipient("ana:school", "en")]
+    )
+    assert [x.status for x in (await deliver(r, later, [provider])).results] == ["duplicate"]
+    assert per_subscriber(outbox) == {"ana:home": 1, "bo:home": 1}
+
+
 async def test_missing_contact_is_no_contact(r: aioredis.Redis, outbox: Path) -> None:
     store = ContactStore(r)
     await seed(store, 10, skip=[2, 5])
