@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from channels.contacts import ContactStore
 from geofencing.areas import resolve_alert_geometry
 from geofencing.gazetteer import default_gazetteer
 from ops.demo import demo_alert_paths, synthetic_citizens
-from ops.devstack import Service, start_broker, start_redis
+from ops.devstack import Service, free_port, port_open, start_broker, start_redis
 from ops.settings import Settings
 from streams import topics as T
 from streams.cap import parse_cap
@@ -53,16 +54,18 @@ class DevStack:
     workdir: Path
     services: list[Service] = field(default_factory=list)
     worker: subprocess.Popen[bytes] | None = None
+    api: subprocess.Popen[bytes] | None = None
 
     def stop(self) -> None:
-        """Stop the worker (SIGTERM: drain and commit), then the services."""
-        if self.worker is not None and self.worker.poll() is None:
-            self.worker.send_signal(signal.SIGTERM)
-            try:
-                self.worker.wait(30)
-            except subprocess.TimeoutExpired:
-                self.worker.kill()
-                self.worker.wait(10)
+        """Stop the API and the worker (SIGTERM: drain and commit), then the services."""
+        for child in (self.api, self.worker):
+            if child is not None and child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+                try:
+                    child.wait(30)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait(10)
         for service in reversed(self.services):
             service.stop()
 
@@ -82,6 +85,11 @@ def start_stack(settings: Settings, workdir: Path) -> tuple[DevStack, Settings]:
             updates["redis_url"] = redis_service.url
         if settings.outbox_path == Path("tocsin-outbox.jsonl"):
             updates["outbox_path"] = workdir / "outbox.jsonl"
+        if not settings.api_token_secret:
+            # One key for this session's API process and the demo tokens seeded below.
+            updates["api_token_secret"] = secrets.token_hex(32)
+        if port_open(settings.api_port, settings.api_host):
+            updates["api_port"] = free_port()
         settings = settings.model_copy(update=updates)
         asyncio.run(
             T.ensure_topics(
@@ -92,6 +100,7 @@ def start_stack(settings: Settings, workdir: Path) -> tuple[DevStack, Settings]:
             )
         )
         stack.worker = spawn_worker(settings, workdir / "worker.log")
+        stack.api = spawn_child(["api"], settings, workdir / "api.log")
     except BaseException:
         stack.stop()
         raise
@@ -100,11 +109,16 @@ def start_stack(settings: Settings, workdir: Path) -> tuple[DevStack, Settings]:
 
 def spawn_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
     """Run ``tocsin worker`` as a child process configured by ``settings``."""
+    return spawn_child(["worker"], settings, log_path)
+
+
+def spawn_child(args: list[str], settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
+    """Run ``tocsin ARGS`` as a child process configured by ``settings``."""
     env = {**os.environ, **settings.to_env()}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "ops.cli", "worker"],
+            [sys.executable, "-m", "ops.cli", *args],
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,  # see ops.devstack: the parent stops it in order
         )  # fmt: skip
@@ -138,6 +152,29 @@ async def load_demo(settings: Settings, citizens: int, console: Console) -> list
     )
     console.print(f"[green]loaded[/] {len(people):,} synthetic citizens and their contacts")
     return alerts
+
+
+async def seed_console_users(settings: Settings) -> dict[str, str]:
+    """The demo organisation's users and their API tokens (shown once, here)."""
+    from ops.api.identity import IdentityStore, seed_demo
+
+    client = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        return await seed_demo(IdentityStore(client, settings.api_token_secret.encode()))
+    finally:
+        await client.aclose()
+
+
+def wait_for_api(settings: Settings, stack: DevStack, timeout: float = 30) -> None:
+    """Block until the API listens (or fail with the tail of its log)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if stack.api is not None and stack.api.poll() is not None:
+            raise DevError(f"the API exited; see {stack.workdir}/api.log")
+        if port_open(settings.api_port, settings.api_host):
+            return
+        time.sleep(0.05)
+    raise DevError(f"the API did not listen in {timeout:.0f}s; see {stack.workdir}/api.log")
 
 
 async def wait_for_shards(settings: Settings, expected: int, timeout: float) -> None:
@@ -229,6 +266,12 @@ def run_dev(settings: Settings, *, citizens: int, exit_after_replay: bool, conso
             f"worker pid {stack.worker.pid if stack.worker else '-'}  "
             f"outbox {settings.outbox_path}"
         )
+        tokens = asyncio.run(seed_console_users(settings))
+        wait_for_api(settings, stack)
+        base = f"http://{settings.api_host}:{settings.api_port}"
+        console.print(f"API [cyan]{base}[/] (OpenAPI {base}/docs, public page {base}/public)")
+        console.print(f"  demo originator token: {tokens['originator']}")
+        console.print(f"  demo approver token:   {tokens['approver']}")
         alerts = asyncio.run(load_demo(settings, citizens, console))
         asyncio.run(wait_for_shards(settings, citizens, timeout=90))
         asyncio.run(replay(settings, demo_alert_paths(settings.data_dir)))

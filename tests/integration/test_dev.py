@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -48,14 +50,20 @@ def test_dev_stack_delivers_the_replayed_alerts_within_a_minute_and_stops_cleanl
 
 
 def test_ctrl_c_stops_the_worker_and_every_service(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("KAFKA_BOOTSTRAP_SERVERS", "REDIS_URL") and not k.startswith("TOCSIN_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("KAFKA_BOOTSTRAP_SERVERS", "REDIS_URL") and not k.startswith("TOCSIN_")
+    }
     env["COLUMNS"] = "160"
     log = tmp_path / "dev.out"
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "ops.cli", "dev", "--citizens", "500"],
-            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     try:
         deadline = time.monotonic() + 90
@@ -63,6 +71,13 @@ def test_ctrl_c_stops_the_worker_and_every_service(tmp_path: Path) -> None:
             assert proc.poll() is None, log.read_text()[-3000:]
             time.sleep(0.1)
         assert "running" in log.read_text(), log.read_text()[-3000:]
+        # The console API is up, and the demo originator's token printed on start works.
+        text = log.read_text()
+        base = re.search(r"API (http://127\.0\.0\.1:\d+)", text).group(1)  # type: ignore[union-attr]
+        token = re.search(r"demo originator token: (\S+)", text).group(1)  # type: ignore[union-attr]
+        request = urllib.request.Request(f"{base}/me", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert json.load(response)["roles"] == ["originator"]
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0, log.read_text()[-3000:]
     finally:
@@ -74,5 +89,7 @@ def test_ctrl_c_stops_the_worker_and_every_service(tmp_path: Path) -> None:
     assert pids and ports
     assert not [p for p in set(ports) if port_open(p)], "a service still listens"
     for pid in pids:
-        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(
-            f"/proc/{pid}/status").read_text().lower(), "the worker still runs"
+        assert (
+            not Path(f"/proc/{pid}").exists()
+            or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+        ), "the worker still runs"
