@@ -29,6 +29,7 @@ import asyncio
 import calendar
 import contextlib
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -38,6 +39,7 @@ import msgspec
 from firebase_admin import _utils as fb_utils
 from firebase_admin import exceptions as fb_exc
 from firebase_admin import messaging
+from yarl import URL
 
 from channels.base import OutgoingMessage, ProviderError, SendResult, parse_retry_after
 from streams.records import Channel
@@ -336,29 +338,34 @@ def build_message(msg: OutgoingMessage, token: str, now: float | None = None) ->
         data["severity"] = msg.severity
     if msg.urgency:
         data["urgency"] = msg.urgency
-    return messaging.Message(
-        token=token,
-        notification=messaging.Notification(title=msg.subject, body=msg.body),
-        data=data,
-        android=messaging.AndroidConfig(
-            priority="high",
-            ttl=ttl,
-            collapse_key=msg.collapse_key or None,
-            notification=messaging.AndroidNotification(
-                priority="max" if extreme else "high", default_sound=True, tag=msg.alert_key
-            ),
+    android = messaging.AndroidConfig(
+        priority="high",
+        ttl=ttl,
+        collapse_key=msg.collapse_key or None,
+        notification=messaging.AndroidNotification(
+            priority="max" if extreme else "high", default_sound=True, tag=msg.alert_key
         ),
-        apns=messaging.APNSConfig(
-            headers=apns_headers,
-            payload=messaging.APNSPayload(
-                aps=messaging.Aps(
-                    sound=sound,
-                    custom_data={"interruption-level": _interruption_level(msg.severity)},
-                )
-            ),
-        ),
-        webpush=messaging.WebpushConfig(headers=webpush_headers),
     )
+    apns = messaging.APNSConfig(
+        headers=apns_headers,
+        payload=messaging.APNSPayload(
+            aps=messaging.Aps(
+                sound=sound, custom_data={"interruption-level": _interruption_level(msg.severity)}
+            )
+        ),
+    )
+    with warnings.catch_warnings():
+        # firebase-admin 7.7 flags Message.token as deprecated in favour of installation
+        # ids, yet the FCM v1 API and every registered device still use tokens.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return messaging.Message(
+            token=token,
+            notification=messaging.Notification(title=msg.subject, body=msg.body),
+            data=data,
+            android=android,
+            apns=apns,
+            webpush=messaging.WebpushConfig(headers=webpush_headers),
+        )
 
 
 def _template(msg: OutgoingMessage) -> tuple[bytes, bytes]:
@@ -396,7 +403,7 @@ class FcmProvider:
             raise ValueError("FCM needs a project id")
         self.name = name
         self.channel: Channel = "push"
-        self.url = f"{base_url.rstrip('/')}/v1/projects/{project_id}/messages:send"
+        self.url = URL(f"{base_url.rstrip('/')}/v1/projects/{project_id}/messages:send")
         self.tokens = tokens
         self.max_concurrency = max_concurrency
         self._http = LoopSession(max_concurrency, timeout_s)
@@ -446,44 +453,53 @@ class FcmProvider:
 
         async def worker() -> None:
             nonlocal transport_errors, auth_errors
-            for i in queue:
-                msg = messages[i]
-                body = self.body(msg)
-                try:
-                    async with sem, session.post(self.url, data=body, headers=headers) as resp:
-                        status = resp.status
-                        payload = await resp.read()
-                        retry_after = resp.headers.get("Retry-After")
-                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                    # No answer: possibly not delivered (refused) or possibly
-                    # delivered (reset after the request went out). Retrying is
-                    # right; a duplicate collapses on the device (collapse key).
-                    transport_errors += 1
-                    results[i] = SendResult(
-                        msg.subscriber_id,
-                        ok=False,
-                        error=f"UnavailableError: {type(exc).__name__}",
-                        retriable=True,
-                    )
-                    continue
-                if status == 200:
+            # A worker holds its permit for every message it takes, so concurrent
+            # batches finish one after another instead of in a convoy that leaves
+            # the pipe empty while they all do their Redis work at once (a
+            # per-request permit measured 64% of a bare client in the benchmark).
+            async with sem:
+                for i in queue:
+                    msg = messages[i]
                     try:
-                        mid = _ok_decoder.decode(payload).name
-                    except msgspec.DecodeError:
-                        mid = ""
-                    results[i] = SendResult(msg.subscriber_id, ok=True, provider_message_id=mid)
-                    continue
-                exc_fb = fcm_error(status, payload)
-                if isinstance(exc_fb, fb_exc.UnauthenticatedError):
-                    auth_errors += 1
-                    results[i] = SendResult(
-                        msg.subscriber_id,
-                        ok=False,
-                        error="UnauthenticatedError: UNAUTHENTICATED",
-                        retriable=self.tokens.refreshable,
-                    )
-                    continue
-                results[i] = classify(msg.subscriber_id, exc_fb, parse_retry_after(retry_after))
+                        body = self.body(msg)
+                    except ValueError as exc:  # firebase-admin's model refused a field
+                        results[i] = SendResult(msg.subscriber_id, ok=False, error=f"model: {exc}")
+                        continue
+                    try:
+                        async with session.post(self.url, data=body, headers=headers) as resp:
+                            status = resp.status
+                            payload = await resp.read()
+                            retry_after = resp.headers.get("Retry-After")
+                    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                        # No answer: possibly not delivered (refused) or possibly
+                        # delivered (reset after the request went out). Retrying is
+                        # right; a duplicate collapses on the device (collapse key).
+                        transport_errors += 1
+                        results[i] = SendResult(
+                            msg.subscriber_id,
+                            ok=False,
+                            error=f"UnavailableError: {type(exc).__name__}",
+                            retriable=True,
+                        )
+                        continue
+                    if status == 200:
+                        try:
+                            mid = _ok_decoder.decode(payload).name
+                        except msgspec.DecodeError:
+                            mid = ""
+                        results[i] = SendResult(msg.subscriber_id, ok=True, provider_message_id=mid)
+                        continue
+                    exc_fb = fcm_error(status, payload)
+                    if isinstance(exc_fb, fb_exc.UnauthenticatedError):
+                        auth_errors += 1
+                        results[i] = SendResult(
+                            msg.subscriber_id,
+                            ok=False,
+                            error="UnauthenticatedError: UNAUTHENTICATED",
+                            retriable=self.tokens.refreshable,
+                        )
+                        continue
+                    results[i] = classify(msg.subscriber_id, exc_fb, parse_retry_after(retry_after))
 
         workers = min(len(messages), self.max_concurrency)
         await asyncio.gather(*(worker() for _ in range(workers)))

@@ -12,9 +12,13 @@ A bucket starts full: ``burst`` messages may go at once, then ``rate`` per secon
 So over any interval of ``T`` seconds at most ``burst + rate * T`` tokens are handed
 out, whatever the number of workers.
 
-:class:`RateLimitedProvider` wraps a provider: it cuts each batch into chunks no
-larger than the burst and starts sending a chunk as soon as its tokens are granted,
+:class:`RateLimitedProvider` wraps a provider: it cuts each batch into chunks of at
+most a third of the bucket and sends a chunk as soon as its tokens are granted,
 so messages leave at the rate the tokens arrive instead of in one lump at the end.
+
+What the provider sees is arrival times, which trail the grants by the request
+latency; its jitter (a few ms on a LAN) is the only way the count in a window at the
+provider can exceed ``burst + rate * T``, by at most ``rate`` times that jitter.
 """
 
 from __future__ import annotations
@@ -110,7 +114,7 @@ class RateLimitedProvider:
     """A provider whose requests go out no faster than its :class:`RateLimiter` allows.
 
     Keeps the wrapped provider's ``name`` and ``channel``. A batch is split into
-    chunks of at most ``chunk`` messages (and at most the bucket size); each chunk
+    chunks of at most ``chunk`` messages (and a third of the bucket); each chunk
     is sent as soon as its tokens are granted, concurrently with the waits for the
     next ones. A chunk whose call raises :class:`ProviderError` yields per-message
     failures instead, because other chunks of the same batch may already be
@@ -123,7 +127,10 @@ class RateLimitedProvider:
         self.limiter = limiter
         self.name: str = inner.name
         self.channel: Channel = inner.channel
-        self.chunk = max(1, min(chunk, limiter.burst))
+        # A third of the bucket at most: a granted chunk goes out as one burst of
+        # concurrent requests whose arrival spreads over a few ms; small chunks keep
+        # that spread (and so any overshoot seen at the provider) small.
+        self.chunk = max(1, min(chunk, limiter.burst // 3))
 
     async def send_batch(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
         """Send ``messages`` chunk by chunk, each after its tokens are granted."""

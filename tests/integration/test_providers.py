@@ -39,7 +39,8 @@ from ops import devstack
 from ops.settings import Settings
 from streams.records import Alert, Channel, DeliveryBatch, Info, Receipt, Recipient
 from templates.render import Renderer
-from tests.standins.fcm import FcmStandIn
+from tests.standins import SmtpRecorder, self_signed
+from tests.standins.fcm import FcmStandIn, service_account
 from tests.standins.sms import SmsStandIn
 
 pytestmark = pytest.mark.integration
@@ -225,30 +226,6 @@ async def test_fcm_down_fails_over_and_reports_no_answer(
     await provider.aclose()
     assert statuses(receipt) == {"sent": 30} and receipt.provider == "outbox"
     assert len(read_outbox(tmp_path / "outbox.jsonl")) == 30
-
-
-def service_account(path: Path, token_uri: str, project: str) -> Path:
-    """A service-account key file whose token endpoint is the stand-in."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-    info = {
-        "type": "service_account",
-        "project_id": project,
-        "private_key_id": "standin-key",
-        "private_key": pem,
-        "client_email": f"tocsin@{project}.iam.gserviceaccount.com",
-        "client_id": "1",
-        "token_uri": token_uri,
-    }
-    path.write_text(json.dumps(info))
-    return path
 
 
 async def test_service_account_credentials_on_both_push_paths(
@@ -481,33 +458,9 @@ async def test_email_pool_reconnects_after_server_restart(
         restarted.stop()
 
 
-class Scripted:
-    """aiosmtpd handler: 550 for dead mailboxes, one 451 per greylisted address."""
-
-    def __init__(self) -> None:
-        self.greylisted: set[str] = {mail(2)}
-        self.seen: set[str] = set()
-        self.delivered: list[str] = []
-
-    async def handle_RCPT(
-        self, server: Any, session: Any, envelope: Any, address: str, options: Any
-    ) -> str:
-        if address == mail(1):
-            return "550 5.1.1 <" + address + ">: mailbox unavailable"
-        if address in self.greylisted and address not in self.seen:
-            self.seen.add(address)
-            return "451 4.7.1 greylisted, try again"
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.delivered.extend(envelope.rcpt_tos)
-        return "250 Message accepted"
-
-
 async def test_email_refusals_map_to_dead_address_and_retry(r: aioredis.Redis) -> None:
     store = await seed(r, 5)
-    handler = Scripted()
+    handler = SmtpRecorder(dead={mail(1)}, greylisted={mail(2)})
     port = devstack.free_port()
     controller = Controller(handler, hostname="127.0.0.1", port=port)
     controller.start()
@@ -540,3 +493,91 @@ async def test_keep_alive_connections_are_reused_across_batches(fcm: FcmStandIn)
         assert all(x.ok for x in await provider.send_batch(msgs[start : start + 50]))
     await provider.aclose()
     assert len({x.peer for x in fcm.received}) <= 8  # 200 requests, at most 8 connections
+
+
+async def test_email_starttls_and_auth(tmp_path: Path) -> None:
+    import ssl
+
+    from aiosmtpd.smtp import AuthResult, LoginPassword
+
+    cert, key = self_signed(tmp_path)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    client_tls = ssl.create_default_context(cafile=str(cert))
+
+    def authenticate(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> Any:
+        ok = isinstance(data, LoginPassword) and (data.login, data.password) == (b"tocsin", b"pw")
+        return AuthResult(success=ok, handled=False)  # let aiosmtpd answer 535
+
+    handler = SmtpRecorder()
+    port = devstack.free_port()
+    controller = Controller(
+        handler,
+        hostname="127.0.0.1",
+        port=port,
+        tls_context=server_tls,
+        require_starttls=True,
+        authenticator=authenticate,
+        auth_require_tls=True,
+    )
+    controller.start()
+    try:
+        msgs = [OutgoingMessage(sid(3), mail(3), "email", "k", "en", "Subject", "Body")]
+        provider = SmtpProvider(
+            "127.0.0.1", port, sender="alerts@tocsin.example", starttls=True,
+            tls_context=client_tls, username="tocsin", password="pw",
+        )  # fmt: skip
+        results = await provider.send_batch(msgs)
+        await provider.aclose()
+        assert results[0].ok and handler.delivered == [mail(3)]
+        wrong = SmtpProvider(
+            "127.0.0.1", port, sender="alerts@tocsin.example", starttls=True,
+            tls_context=client_tls, username="tocsin", password="nope",
+        )  # fmt: skip
+        with pytest.raises(ProviderError) as err:
+            await wrong.send_batch(msgs)
+        assert not err.value.retriable
+        await wrong.aclose()
+    finally:
+        controller.stop()
+
+
+def test_retry_after_and_fcm_error_mapping() -> None:
+    from email.utils import formatdate
+
+    from firebase_admin import exceptions as fb_exc
+    from firebase_admin import messaging
+
+    from channels.base import parse_retry_after
+    from channels.fcm import _ok_decoder, classify, fcm_error
+    from tests.standins import DATA_OTHER
+    from tests.standins.fcm import INVALID_TOKEN, QUOTA, UNAVAILABLE, UNREGISTERED
+
+    # FCM's real success answers (parts of a batch response) parse to their message id.
+    sample = (DATA_OTHER / "fcm_v1_batch_response_success.txt").read_text()
+    names = [
+        _ok_decoder.decode(part[part.index("{") :].strip()).name
+        for part in sample.split("--test_boundary")
+        if "{" in part
+    ]
+    assert names == ["projects/test-project/messages/1", "projects/test-project/messages/2"]
+
+    assert parse_retry_after("7") == 7.0 and parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    later = parse_retry_after(formatdate(time.time() + 30, usegmt=True))
+    assert later is not None and 28 <= later <= 31
+    cases = [
+        (404, UNREGISTERED, messaging.UnregisteredError, "invalid"),
+        (400, INVALID_TOKEN, fb_exc.InvalidArgumentError, "invalid"),  # FCM's own sample
+        (429, QUOTA, messaging.QuotaExceededError, "retry"),
+        (503, UNAVAILABLE, fb_exc.UnavailableError, "retry"),
+        (500, b"<html>oops</html>", fb_exc.InternalError, "retry"),
+        (403, b'{"error": {"status": "PERMISSION_DENIED"}}', fb_exc.PermissionDeniedError, "fail"),
+    ]
+    for status, body, exc_type, outcome in cases:
+        exc = fcm_error(status, body)
+        assert type(exc) is exc_type, (status, exc)
+        result = classify("s", exc, 2.0)
+        assert result.invalid_address == (outcome == "invalid")
+        assert result.retriable == (outcome == "retry")
+        assert result.retry_after_s == (2.0 if outcome == "retry" else None)

@@ -41,7 +41,16 @@ from aiohttp import web
 REPO = Path(__file__).resolve().parents[2]
 DATA_OTHER = REPO / "data" / "other"
 
-__all__ = ["DATA_OTHER", "Faults", "Received", "StandIn", "StandInProcess", "serve_main"]
+__all__ = [
+    "DATA_OTHER",
+    "Faults",
+    "Received",
+    "SmtpRecorder",
+    "StandIn",
+    "StandInProcess",
+    "self_signed",
+    "serve_main",
+]
 
 
 @dataclass
@@ -219,7 +228,11 @@ class StandIn:
         self._control(app)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        # A deep backlog: a client opening its whole pool at once must not lose SYNs
+        # (the kernel would retry them only after a second).
+        self._site = web.TCPSite(
+            self._runner, self.host, self.port, reuse_address=True, backlog=4096
+        )
         await self._site.start()
         if not self.port:
             server = self._site._server
@@ -323,7 +336,7 @@ class StandInProcess:
         req = urllib.request.Request(
             f"{self.url}/_standin/{path}",
             data=data,
-            method="POST" if data is not None or path in ("reset",) else "GET",
+            method="POST" if data is not None else "GET",
             headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(req, timeout=30) as resp:
@@ -354,3 +367,74 @@ class StandInProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, for a local STARTTLS server."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+class SmtpRecorder:
+    """An aiosmtpd handler that records deliveries and refuses as told.
+
+    ``dead`` addresses get ``550`` at RCPT (no such mailbox); ``greylisted`` ones a
+    ``451`` on their first attempt only, as greylisting relays do.
+    """
+
+    def __init__(self, dead: set[str] | None = None, greylisted: set[str] | None = None) -> None:
+        self.dead = dead or set()
+        self.greylisted = greylisted or set()
+        self.seen: set[str] = set()
+        self.delivered: list[str] = []
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
+        """Accept, refuse for good, or greylist one recipient."""
+        if address in self.dead:
+            return f"550 5.1.1 <{address}>: mailbox unavailable"
+        if address in self.greylisted and address not in self.seen:
+            self.seen.add(address)
+            return "451 4.7.1 greylisted, try again"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        """Record the accepted recipients."""
+        self.delivered.extend(envelope.rcpt_tos)
+        return "250 Message accepted"

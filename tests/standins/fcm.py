@@ -29,6 +29,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -36,13 +37,18 @@ from aiohttp import web
 
 from tests.standins import DATA_OTHER, StandIn, serve_main
 
-__all__ = ["FcmStandIn"]
+__all__ = ["FcmStandIn", "service_account"]
 
 FCM_ERROR = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
 BAD_REQUEST = "type.googleapis.com/google.rpc.BadRequest"
 _MESSAGE_FIELDS = frozenset(
     {"name", "data", "notification", "android", "webpush", "apns", "fcm_options"}
     | {"token", "topic", "condition"}
+)
+# Any of these lets a service account send (firebase-admin asks for the broad ones).
+SEND_SCOPES = frozenset(
+    "https://www.googleapis.com/auth/" + s
+    for s in ("firebase.messaging", "firebase", "cloud-platform")
 )
 _DURATION = re.compile(r"^\d+(\.\d{1,9})?s$")
 _TOKEN = re.compile(r"^[A-Za-z0-9_:\-.]{8,4096}$")
@@ -179,9 +185,9 @@ class FcmStandIn(StandIn):
             return self.answer(400, _invalid("", "Invalid JSON payload received."))
         if not isinstance(payload, dict) or set(payload) - {"message", "validate_only"}:
             return self.answer(400, _invalid("", "Invalid JSON payload received."))
-        message = payload.get("message")
+        message: dict[str, Any] = payload.get("message")  # type: ignore[assignment]
         problem = validate(message)
-        if problem is not None:
+        if problem is not None:  # ... so from here on, message is a dict
             return self.answer(400, problem)
         fault = await self.injected(str(message.get("token", "")))
         if fault == "close":
@@ -213,8 +219,8 @@ class FcmStandIn(StandIn):
             claims = json.loads(base64.urlsafe_b64decode(claims_b64 + "=" * (-len(claims_b64) % 4)))
         except ValueError:
             return web.json_response({"error": "invalid_grant"}, status=400)
-        scopes = str(claims.get("scope", "")).split()
-        if claims.get("exp", 0) < time.time() or not any("firebase.messaging" in s for s in scopes):
+        scopes = set(str(claims.get("scope", "")).split())
+        if claims.get("exp", 0) < time.time() or not scopes & SEND_SCOPES:
             return web.json_response(
                 {"error": "invalid_scope", "error_description": "Invalid OAuth scope"}, status=400
             )
@@ -224,6 +230,30 @@ class FcmStandIn(StandIn):
         return web.json_response(
             {"access_token": access, "expires_in": self.token_lifetime_s, "token_type": "Bearer"}
         )
+
+
+def service_account(path: Path, token_uri: str, project: str) -> Path:
+    """A service-account key file whose token endpoint is the stand-in."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    info = {
+        "type": "service_account",
+        "project_id": project,
+        "private_key_id": "standin-key",
+        "private_key": pem,
+        "client_email": f"tocsin@{project}.iam.gserviceaccount.com",
+        "client_id": "1",
+        "token_uri": token_uri,
+    }
+    path.write_text(json.dumps(info))
+    return path
 
 
 def _args(parser: argparse.ArgumentParser) -> None:

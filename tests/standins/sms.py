@@ -4,9 +4,9 @@
 ``AccountSid:AuthToken``, form-encoded ``To``, ``From`` or ``MessagingServiceSid``,
 ``Body``, optional ``StatusCallback``. Answers like Twilio:
 
-- ``201`` with the Message resource, shaped after Twilio's own example
-  (``data/other/twilio_messages_api_create_create_201.json``): ``sid``, ``status``
-  ``queued``, ``num_segments`` (GSM-7/UCS-2), dates in RFC 2822;
+- ``201`` with the Message resource, shaped after Twilio's own examples
+  (``data/other/twilio_messages_api_create_*_201.json``): ``sid``, ``status``,
+  ``num_segments`` (GSM-7/UCS-2), dates in RFC 2822;
 - errors as Twilio's JSON ``{"code", "message", "more_info", "status"}``: 20003 (401,
   bad credentials), 21604/21602/21603 (missing To/Body/From), 21211 (not a valid
   number -- the message quotes the number, as Twilio's does), 21614 (not a mobile
@@ -43,8 +43,12 @@ from tests.standins import DATA_OTHER, StandIn, serve_main
 __all__ = ["SmsStandIn"]
 
 _E164 = re.compile(r"^\+[1-9]\d{6,14}$")
+# Twilio's own example answers, for a From number and for a messaging service.
 TEMPLATE: dict[str, Any] = json.loads(
     (DATA_OTHER / "twilio_messages_api_create_create_201.json").read_text()
+)
+SERVICE_TEMPLATE: dict[str, Any] = json.loads(
+    (DATA_OTHER / "twilio_messages_api_create_createWithMessagingService_201.json").read_text()
 )
 
 
@@ -136,7 +140,7 @@ class SmsStandIn(StandIn):
         self.record(request, to, "", {"To": to, "Body": body, "From": sender, "Service": service})
         now = formatdate(usegmt=True).replace("GMT", "+0000")
         resource = {
-            **TEMPLATE,
+            **(SERVICE_TEMPLATE if service and not sender else TEMPLATE),
             "account_sid": self.account_sid,
             "body": body,
             "date_created": now,
