@@ -197,7 +197,7 @@ def build_app(settings: Settings) -> faust.App:
             for channel, count in counts.items():
                 MATCHED.labels(channel).inc(count)
             log.info("alert %s: shard %s matched %d subscribers", request.alert_key, partition, n)
-            await r.store.add_matched(request.alert_key, counts, n)
+            await r.store.add_matched(request.alert_key, counts, n, partition=partition)
             for batch in batches:
                 await deliver(batch)
 

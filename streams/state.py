@@ -7,7 +7,10 @@ and the tests. Keys:
 - ``tocsin:alert-sent:<key>`` the ``sent`` value ingest registered first (dedup)
 - ``tocsin:alerts``           sorted set of alert keys by time received
 - ``tocsin:counters:<key>``   hash of counters: ``matched``, ``matched:<channel>``,
-                              ``<channel>:<status>`` (sent, failed, duplicate, no_contact)
+                              ``shards``, ``<channel>:<status>`` (sent, failed, ...)
+- ``tocsin:matched:<key>``    hash partition -> that shard's answer (JSON), the source
+                              of the ``matched`` totals (idempotent per partition)
+- ``tocsin:outcome:<key>:<channel>``  hash subscriber id -> first reported status
 - ``tocsin:shards``           hash ``<partition>`` -> subscriptions indexed by that shard
 - ``tocsin:shard-owners``     hash ``<partition>`` -> ``host:pid`` of the worker holding it
 - ``tocsin:cancelled:<key>``  the key of the Cancel message that withdrew this alert
@@ -17,6 +20,7 @@ and the tests. Keys:
 from __future__ import annotations
 
 import enum
+import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,6 +36,38 @@ ALERTS = "tocsin:alerts"
 COUNTERS = "tocsin:counters:"
 SHARDS = "tocsin:shards"
 SHARD_OWNERS = "tocsin:shard-owners"
+MATCHED = "tocsin:matched:"
+OUTCOME = "tocsin:outcome:"
+
+# One shard's answer replaces its earlier one; the totals are recomputed from all.
+_MATCHED_LUA = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+local answers = redis.call('HVALS', KEYS[1])
+local total, channels = 0, {}
+for _, raw in ipairs(answers) do
+  local answer = cjson.decode(raw)
+  total = total + answer.n
+  for channel, n in pairs(answer.c) do channels[channel] = (channels[channel] or 0) + n end
+end
+redis.call('HSET', KEYS[2], 'matched', total, 'shards', #answers)
+for channel, n in pairs(channels) do redis.call('HSET', KEYS[2], 'matched:' .. channel, n) end
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return total
+"""
+
+# Count a recipient's outcome only the first time one is reported for it.
+_SETTLE_LUA = """
+local channel = ARGV[1]
+for i = 3, #ARGV, 2 do
+  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
+    redis.call('HINCRBY', KEYS[2], channel .. ':' .. ARGV[i + 1], 1)
+  end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
 CANCELLED = "tocsin:cancelled:"
 WARNED = "tocsin:warned:"
 
@@ -80,6 +116,8 @@ class AlertStore:
     def __init__(self, client: aioredis.Redis, *, ttl_s: int = 30 * 24 * 3600) -> None:
         self.redis = client
         self.ttl_s = ttl_s
+        self._matched = client.register_script(_MATCHED_LUA)
+        self._settle = client.register_script(_SETTLE_LUA)
         self._cache: dict[str, Alert] = {}
 
     async def register(self, alert: Alert) -> Registration:
@@ -117,28 +155,37 @@ class AlertStore:
         return [k.decode() if isinstance(k, bytes) else str(k) for k in keys]
 
     async def add_matched(
-        self, key: str, per_channel: Mapping[Channel, int], subscribers: int
+        self,
+        key: str,
+        per_channel: Mapping[Channel, int],
+        subscribers: int,
+        *,
+        partition: int = 0,
     ) -> None:
-        """Count what one matcher shard found for an alert."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hincrby(COUNTERS + key, "matched", subscribers)
-            pipe.hincrby(COUNTERS + key, "shards", 1)
-            for channel, n in per_channel.items():
-                pipe.hincrby(COUNTERS + key, f"matched:{channel}", n)
-            pipe.expire(COUNTERS + key, self.ttl_s)
-            await pipe.execute()
+        """Record what one matcher shard found for an alert.
+
+        Idempotent per partition: a match request that is processed again (at-least-once
+        delivery after a crash or rebalance) replaces that shard's answer instead of
+        adding to it, so ``matched`` stays the number of people reached.
+        """
+        answer = json.dumps({"n": subscribers, "c": dict(per_channel)})
+        await self._matched(
+            keys=[MATCHED + key, COUNTERS + key], args=[str(partition), answer, self.ttl_s]
+        )
 
     async def apply_receipt(self, receipt: Receipt) -> None:
-        """Fold one sender receipt into the alert's counters."""
-        counts: dict[str, int] = {}
+        """Fold one sender receipt into the alert's counters, once per recipient.
+
+        A recipient's first reported outcome is its outcome: a batch sent again after a
+        crash reports ``duplicate`` for those already handled, which must not count twice.
+        """
+        args: list[str | int] = [receipt.channel, self.ttl_s]
         for result in receipt.results:
-            field = f"{receipt.channel}:{result.status}"
-            counts[field] = counts.get(field, 0) + 1
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for field, n in counts.items():
-                pipe.hincrby(COUNTERS + receipt.alert_key, field, n)
-            pipe.expire(COUNTERS + receipt.alert_key, self.ttl_s)
-            await pipe.execute()
+            args += [result.subscriber_id, result.status]
+        await self._settle(
+            keys=[OUTCOME + f"{receipt.alert_key}:{receipt.channel}", COUNTERS + receipt.alert_key],
+            args=args,
+        )
 
     async def counters(self, key: str) -> dict[str, int]:
         """All counters of one alert."""

@@ -98,7 +98,9 @@ async def _load_alerts(api: Api) -> dict[str, Alert]:
         partitions = api.settings.partitions
         for p in range(partitions):  # every shard answers
             per = {c: (m if p == 0 else 0) for c, (m, _) in case["ch"].items()}
-            await api.ctx.alerts.add_matched(alert.key, per, case["reached"] if p == 0 else 0)
+            await api.ctx.alerts.add_matched(
+                alert.key, per, case["reached"] if p == 0 else 0, partition=p
+            )
         for channel, (matched, sent) in case["ch"].items():
             settled = matched if case.get("complete", True) else sent
             results = [RecipientResult(f"sub-{name}-{i}", "sent" if i < sent else "failed")

@@ -15,7 +15,7 @@ from geofencing.gazetteer import default_gazetteer
 from streams.authority import SenderRegistry
 from streams.pipeline import Ingestor, detect_content_type, match, scatter
 from streams.publish import rebase_cap_times
-from streams.records import Subscription, encode
+from streams.records import Receipt, RecipientResult, Subscription, encode
 from streams.shards import Shard
 from streams.state import AlertStore
 
@@ -243,5 +243,29 @@ async def test_the_sender_registry_bounds_who_may_alert_where(
         moved = re.sub(rb"<sender>KAR0@example.org<x>[^<]*", b"<sender>KAR0@example.org", moved)
         outside = await ingestor.ingest(moved, {})
         assert [d.reason for d in outside.dead] == ["outside_jurisdiction"]
+    finally:
+        await client.aclose()
+
+
+async def test_counters_survive_at_least_once_redelivery(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    store = AlertStore(client)
+    try:
+        # Shard 0 answers twice (its match request was redelivered), shard 1 once.
+        await store.add_matched("k", {"sms": 3}, 3, partition=0)
+        await store.add_matched("k", {"sms": 3}, 3, partition=0)
+        await store.add_matched("k", {"sms": 2}, 2, partition=1)
+        receipt = Receipt(
+            "k", "sms", "outbox", [RecipientResult(f"s{i}", "sent") for i in range(5)]
+        )
+        await store.apply_receipt(receipt)
+        # The same batch again after a crash: every recipient now reports "duplicate".
+        again = Receipt(
+            "k", "sms", "outbox", [RecipientResult(f"s{i}", "duplicate") for i in range(5)]
+        )
+        await store.apply_receipt(again)
+        progress = await store.progress("k", partitions=2)
+        assert progress.matched == 5 and progress.expected == {"sms": 5}
+        assert progress.outcomes == {"sms:sent": 5} and progress.complete
     finally:
         await client.aclose()
