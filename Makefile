@@ -36,7 +36,7 @@ test: install
 	$(BIN)/pytest
 
 bench: install
-	$(BIN)/python benchmarks/match_bench.py
+	$(BIN)/pip install -q -e '.[test,bench]' && $(BIN)/python benchmarks/match.py --install-postgis
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

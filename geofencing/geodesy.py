@@ -40,8 +40,10 @@ _M2_PER_DEG2: Final = (math.pi / 180.0 * 6_371_008.8) ** 2  # mean-radius sphere
 # concave on the sphere; such a circle is not a meaningful alert area, so we clamp to this.
 MAX_CIRCLE_RADIUS_M: Final = 10_000_000.0
 
-# Max edge length (degrees) before projecting an area into a LocalFrame (see .project).
+# Projecting an area into a LocalFrame (see .project): edges are first cut to at most
+# DENSIFY_DEG degrees, then split further until their image bows less than BOW_M.
 DENSIFY_DEG: Final = 0.1
+BOW_M: Final = 0.1
 
 WORLD: Final = shapely.box(-180.0, -90.0, 180.0, 90.0)
 
@@ -281,23 +283,88 @@ class LocalFrame:
         k = np.divide(c, sin_c, out=np.ones_like(c), where=sin_c > 0.0)
         return k * u * self.n_radius, k * v * self.m_radius
 
+    def forward_unit(
+        self, ux: FloatArray, uy: FloatArray, uz: FloatArray
+    ) -> tuple[FloatArray, FloatArray]:
+        """:meth:`forward` of points given as unit vectors (see :func:`unit_vectors`).
+
+        The same formulas with the trigonometry of the points done once, ahead of time:
+        the matcher stores every place's unit vector and projects thousands per query.
+        """
+        lam0 = math.radians(self.lon0)
+        sl, cl = math.sin(lam0), math.cos(lam0)
+        u = uy * cl - ux * sl  # cos(lat) sin(lon - lon0)
+        q = ux * cl + uy * sl  # cos(lat) cos(lon - lon0)
+        v = self._cos0 * uz - self._sin0 * q
+        sin_c = np.hypot(u, v)
+        c = np.arctan2(sin_c, self._sin0 * uz + self._cos0 * q)
+        k = np.divide(c, sin_c, out=np.ones_like(c), where=sin_c > 0.0)
+        return k * u * self.n_radius, k * v * self.m_radius
+
     def project(self, geom: BaseGeometry) -> BaseGeometry:
-        """Project ``geom`` into the frame.
+        """Project ``geom`` into the frame, its edges following their lon/lat course.
 
         Shapely (and so every inside test here) treats an edge as straight in lon/lat.
         Projecting only the vertices would turn it into a straight line in the frame,
         i.e. roughly a geodesic, which bows poleward of a lon/lat-straight edge (23 m for
         a 0.5-degree edge along the 65th parallel; it grows with the edge length squared).
-        So we densify to DENSIFY_DEG (0.1 degree) first: the remaining bow is < 1.5 m at
-        any latitude, and more vertices would slow the per-point distance tests.
+        So edges are cut to DENSIFY_DEG (0.1 degree), and then each piece whose image
+        bows more than BOW_M (0.1 m) - measured at its midpoint: its lon/lat midpoint's
+        image against the chord - is split evenly into ``ceil(sqrt(bow / BOW_M))``
+        pieces (the bow of a short arc falls with the square of its length). East-west
+        edges at mid latitudes are split ~4x; north-south ones (meridians are geodesics)
+        are left alone. Polygonal geometries only; anything else is cut to 0.02 degree,
+        which bounds the bow by 5 cm (L^2 tan(lat) / 8R for an edge of L metres).
         """
         geom = shapely.segmentize(geom, DENSIFY_DEG)
+        if geom.geom_type in ("Polygon", "MultiPolygon") and not geom.is_empty:
+            return self._project_polygonal(geom)
 
         def _fwd(xy: FloatArray) -> FloatArray:
             x, y = self.forward(xy[:, 0], xy[:, 1])
             return np.column_stack([x, y])
 
-        return shapely.transform(geom, _fwd)
+        return shapely.transform(shapely.segmentize(geom, 0.02), _fwd)
+
+    def _project_polygonal(self, geom: BaseGeometry) -> BaseGeometry:
+        """:meth:`project` for a Polygon or MultiPolygon (rings rebuilt from arrays)."""
+        parts = shapely.get_parts(geom)
+        rings, owner = shapely.get_rings(parts, return_index=True)
+        xy, ring = shapely.get_coordinates(rings, return_index=True)
+        fx, fy = self.forward(xy[:, 0], xy[:, 1])
+        i = np.flatnonzero(ring[1:] == ring[:-1])  # edge i runs from vertex i to i + 1
+        a, b = xy[i], xy[i + 1]
+        mx, my = self.forward((a[:, 0] + b[:, 0]) / 2.0, (a[:, 1] + b[:, 1]) / 2.0)
+        ax, ay, dx, dy = fx[i], fy[i], fx[i + 1] - fx[i], fy[i + 1] - fy[i]
+        length = np.hypot(dx, dy)
+        cross = np.abs(dx * (my - ay) - dy * (mx - ax))
+        bow = cross / np.where(length > 0.0, length, np.inf)  # midpoint's offset from chord
+        pieces = np.maximum(np.ceil(np.sqrt(bow / BOW_M)), 1.0).astype(np.int64)
+        if pieces.max() > 1:
+            # Split edge i into pieces[i]: vertex i then the interior cut points.
+            count = np.ones(len(xy), dtype=np.int64)
+            count[i] = pieces
+            at = np.repeat(np.arange(len(xy)), count)
+            step = np.arange(len(at)) - np.repeat(np.cumsum(count) - count, count)
+            cut = np.flatnonzero(step)
+            frac = step[cut] / count[at[cut]]
+            lonlat = xy[at[cut]] + frac[:, None] * (xy[at[cut] + 1] - xy[at[cut]])
+            cx, cy = self.forward(lonlat[:, 0], lonlat[:, 1])
+            fx, fy, ring = fx[at], fy[at], ring[at]
+            fx[cut], fy[cut] = cx, cy
+        out = shapely.polygons(shapely.linearrings(np.column_stack([fx, fy]), indices=ring),
+                               indices=owner)
+        if geom.geom_type == "MultiPolygon":
+            return shapely.multipolygons(out)
+        return out[0]
+
+
+def unit_vectors(lon: npt.ArrayLike, lat: npt.ArrayLike) -> tuple[FloatArray, ...]:
+    """Unit vectors (x towards lon 0, y towards lon 90E, z north) of lon/lat degrees."""
+    phi = np.radians(np.asarray(lat, dtype=np.float64))
+    lam = np.radians(np.asarray(lon, dtype=np.float64))
+    cos_p = np.cos(phi)
+    return cos_p * np.cos(lam), cos_p * np.sin(lam), np.sin(phi)
 
 
 def geodesic_distance(
