@@ -35,7 +35,7 @@ from pydantic import BaseModel, Field
 from channels.contacts import Contact, ContactStore
 from ops.api.otp import OtpService
 from streams.records import CHANNELS, Channel, Subscription
-from streams.state import WARNED
+from streams.state import OUTCOME, WARNED
 
 CITIZEN = "tocsin:citizen:"
 CITIZEN_TOKEN = "tocsin:citizen-token:"
@@ -206,11 +206,15 @@ class CitizenStore:
             keys.append(_s(key))
         removed["keys"] = int(await self.redis.delete(*keys))
         await self.otp.forget(citizen_id)
-        # Who-was-warned hashes (kept for Cancel notices) name subscription ids.
-        async for key in self.redis.scan_iter(match=f"{WARNED}*", count=1000):
-            fields = [f async for f, _ in self.redis.hscan_iter(key, match=f"{citizen_id}:*")]
-            if fields:
-                removed["warned"] += int(await self.redis.hdel(key, *fields))
+        # Who-was-warned hashes (kept for Cancel notices) and per-recipient outcome
+        # hashes (the counters' once-per-recipient record) name subscription ids.
+        for prefix in (WARNED, OUTCOME):
+            async for key in self.redis.scan_iter(match=f"{prefix}*", count=1000):
+                fields = [
+                    f async for f, _ in self.redis.hscan_iter(key, match=f"{citizen_id}:*")
+                ]
+                if fields:
+                    removed["warned"] += int(await self.redis.hdel(key, *fields))
         # Per-subscription idempotency keys, and per-citizen ones should the sender adopt
         # them (see the module docstring).
         for pattern in (f"{IDEM}*:{citizen_id}:*", f"{IDEM}*:{citizen_id}"):

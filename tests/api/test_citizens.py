@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from channels.outbox import read_outbox
-from streams.records import Subscription, decoder
+from streams.records import Receipt, RecipientResult, Subscription, decoder
 from streams.state import AlertStore
 from streams.topics import SUBSCRIPTIONS
 from tests.api.conftest import Api
@@ -150,6 +150,9 @@ async def test_erasure_leaves_nothing_behind(api: Api) -> None:
     store = AlertStore(api.ctx.redis)
     await store.record_warned("a1b2c3", "sms", {f"{cid}:home": "es", "someone-else": "en"})
     await store.record_warned("a1b2c3", "push", {f"{cid}:work": "es"})
+    await store.apply_receipt(Receipt("a1b2c3", "sms", "outbox", [
+        RecipientResult(f"{cid}:home", "sent"), RecipientResult("someone-else", "sent"),
+    ]))  # fmt: skip
     await api.ctx.redis.set(f"tocsin:idem:a1b2c3:sms:{cid}:home", "sent")
     await api.ctx.redis.set("tocsin:idem:a1b2c3:sms:someone-else", "sent")
     # A pending code for a new address, too.
