@@ -34,7 +34,6 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-import aiohttp
 import msgspec
 from firebase_admin import _utils as fb_utils
 from firebase_admin import exceptions as fb_exc
@@ -42,12 +41,12 @@ from firebase_admin import messaging
 from yarl import URL
 
 from channels.base import OutgoingMessage, ProviderError, SendResult, parse_retry_after
+from channels.http import TRANSPORT_ERRORS, Answer, PooledPoster
 from streams.records import Channel
 
 __all__ = [
     "FCM_SCOPES",
     "FcmProvider",
-    "LoopSession",
     "StaticToken",
     "TokenSource",
     "build_message",
@@ -64,6 +63,7 @@ _FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
 _BAD_REQUEST_TYPE = "type.googleapis.com/google.rpc.BadRequest"
 _SENTINEL = "\u0000tocsin-token\u0000"  # cannot occur in a real registration token
 _TEMPLATE_CACHE = 256
+_UNAUTHENTICATED = "UnauthenticatedError: UNAUTHENTICATED"
 
 # FCM's own error codes (FcmError.errorCode) -> firebase-admin's classes, as in
 # firebase_admin.messaging._MessagingService.FCM_ERROR_TYPES.
@@ -261,49 +261,6 @@ def token_source(access_token: str = "", credentials_file: str = "") -> TokenSou
 # -- HTTP session ---------------------------------------------------------------------------
 
 
-class LoopSession:
-    """One pooled aiohttp session per event loop.
-
-    aiohttp sessions belong to the loop that created them; a provider built before a
-    worker's loop runs (or reused by tests with one loop per test) gets a fresh
-    session in the current loop, and the old one is dropped.
-    """
-
-    def __init__(self, limit: int, timeout_s: float) -> None:
-        self.limit = limit
-        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._session: aiohttp.ClientSession | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def get(self) -> aiohttp.ClientSession:
-        """The session for the running loop."""
-        loop = asyncio.get_running_loop()
-        if self._session is None or self._loop is not loop or self._session.closed:
-            connector = aiohttp.TCPConnector(
-                limit=self.limit,
-                limit_per_host=self.limit,
-                keepalive_timeout=30,
-                ttl_dns_cache=300,
-                enable_cleanup_closed=False,
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=self.timeout,
-                skip_auto_headers=("User-Agent",),
-                auto_decompress=False,
-            )
-            self._loop = loop
-        return self._session
-
-    async def close(self) -> None:
-        """Close the session if it belongs to the running loop."""
-        session, self._session = self._session, None
-        if session is not None and not session.closed:
-            with contextlib.suppress(RuntimeError):
-                if self._loop is asyncio.get_running_loop():
-                    await session.close()
-
-
 # -- the message model ------------------------------------------------------------------------
 
 
@@ -406,16 +363,8 @@ class FcmProvider:
         self.url = URL(f"{base_url.rstrip('/')}/v1/projects/{project_id}/messages:send")
         self.tokens = tokens
         self.max_concurrency = max_concurrency
-        self._http = LoopSession(max_concurrency, timeout_s)
-        self._sem: asyncio.Semaphore | None = None
-        self._sem_loop: asyncio.AbstractEventLoop | None = None
+        self._poster = PooledPoster(self.url, max_concurrency, timeout_s)
         self._templates: OrderedDict[tuple[Any, ...], tuple[bytes, bytes]] = OrderedDict()
-
-    def _semaphore(self) -> asyncio.Semaphore:
-        loop = asyncio.get_running_loop()
-        if self._sem is None or self._sem_loop is not loop:
-            self._sem, self._sem_loop = asyncio.Semaphore(self.max_concurrency), loop
-        return self._sem
 
     def body(self, msg: OutgoingMessage) -> bytes:
         """The exact JSON request body for one message."""
@@ -443,66 +392,11 @@ class FcmProvider:
         request got an HTTP answer, or every answer was an authentication failure."""
         if not messages:
             return []
-        session = self._http.get()
-        sem = self._semaphore()
         headers = {"Authorization": await self.tokens.header(), "Content-Type": "application/json"}
-        results: list[SendResult | None] = [None] * len(messages)
-        transport_errors = 0
-        auth_errors = 0
-        queue = iter(range(len(messages)))
-
-        async def worker() -> None:
-            nonlocal transport_errors, auth_errors
-            # A worker holds its permit for every message it takes, so concurrent
-            # batches finish one after another instead of in a convoy that leaves
-            # the pipe empty while they all do their Redis work at once (a
-            # per-request permit measured 64% of a bare client in the benchmark).
-            async with sem:
-                for i in queue:
-                    msg = messages[i]
-                    try:
-                        body = self.body(msg)
-                    except ValueError as exc:  # firebase-admin's model refused a field
-                        results[i] = SendResult(msg.subscriber_id, ok=False, error=f"model: {exc}")
-                        continue
-                    try:
-                        async with session.post(self.url, data=body, headers=headers) as resp:
-                            status = resp.status
-                            payload = await resp.read()
-                            retry_after = resp.headers.get("Retry-After")
-                    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                        # No answer: possibly not delivered (refused) or possibly
-                        # delivered (reset after the request went out). Retrying is
-                        # right; a duplicate collapses on the device (collapse key).
-                        transport_errors += 1
-                        results[i] = SendResult(
-                            msg.subscriber_id,
-                            ok=False,
-                            error=f"UnavailableError: {type(exc).__name__}",
-                            retriable=True,
-                        )
-                        continue
-                    if status == 200:
-                        try:
-                            mid = _ok_decoder.decode(payload).name
-                        except msgspec.DecodeError:
-                            mid = ""
-                        results[i] = SendResult(msg.subscriber_id, ok=True, provider_message_id=mid)
-                        continue
-                    exc_fb = fcm_error(status, payload)
-                    if isinstance(exc_fb, fb_exc.UnauthenticatedError):
-                        auth_errors += 1
-                        results[i] = SendResult(
-                            msg.subscriber_id,
-                            ok=False,
-                            error="UnauthenticatedError: UNAUTHENTICATED",
-                            retriable=self.tokens.refreshable,
-                        )
-                        continue
-                    results[i] = classify(msg.subscriber_id, exc_fb, parse_retry_after(retry_after))
-
-        workers = min(len(messages), self.max_concurrency)
-        await asyncio.gather(*(worker() for _ in range(workers)))
+        answers = await self._poster.post_all(messages, self.body, headers)
+        results = [self._result(msg, ans) for msg, ans in zip(messages, answers, strict=True)]
+        transport_errors = sum(isinstance(a, TRANSPORT_ERRORS) for a in answers)
+        auth_errors = sum(r.error == _UNAUTHENTICATED for r in results)
         if auth_errors:
             self.tokens.invalidate()
         if transport_errors == len(messages):
@@ -511,8 +405,31 @@ class FcmProvider:
             raise ProviderError(
                 f"{self.name}: authentication rejected", retriable=self.tokens.refreshable
             )
-        return [r for r in results if r is not None]
+        return results
+
+    def _result(self, msg: OutgoingMessage, answer: Answer | Exception) -> SendResult:
+        sid = msg.subscriber_id
+        if isinstance(answer, ValueError):  # firebase-admin's model refused a field
+            return SendResult(sid, ok=False, error=f"model: {answer}")
+        if isinstance(answer, Exception):
+            # No answer: possibly not delivered (refused) or possibly delivered (reset
+            # after the request went out). Retrying is right; a duplicate collapses on
+            # the device (collapse key).
+            error = f"UnavailableError: {type(answer).__name__}"
+            return SendResult(sid, ok=False, error=error, retriable=True)
+        if answer.status == 200:
+            try:
+                mid = _ok_decoder.decode(answer.payload).name
+            except msgspec.DecodeError:
+                mid = ""
+            return SendResult(sid, ok=True, provider_message_id=mid)
+        exc_fb = fcm_error(answer.status, answer.payload)
+        if isinstance(exc_fb, fb_exc.UnauthenticatedError):
+            return SendResult(
+                sid, ok=False, error=_UNAUTHENTICATED, retriable=self.tokens.refreshable
+            )
+        return classify(sid, exc_fb, parse_retry_after(answer.retry_after))
 
     async def aclose(self) -> None:
         """Close the HTTP session."""
-        await self._http.close()
+        await self._poster.aclose()

@@ -29,19 +29,17 @@ status webhook.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
 from collections.abc import Mapping, Sequence
 from urllib.parse import quote_plus, urlencode
 
-import aiohttp
 import msgspec
 from yarl import URL
 
 from channels.base import OutgoingMessage, ProviderError, SendResult, parse_retry_after
-from channels.fcm import LoopSession
+from channels.http import PooledPoster
 from streams.records import Channel
 
 __all__ = [
@@ -156,16 +154,8 @@ class SmsProvider:
             sender["StatusCallback"] = status_callback
         self._common = urlencode(sender)
         self.max_concurrency = max_concurrency
-        self._http = LoopSession(max_concurrency, timeout_s)
-        self._sem: asyncio.Semaphore | None = None
-        self._sem_loop: asyncio.AbstractEventLoop | None = None
+        self._poster = PooledPoster(self.url, max_concurrency, timeout_s)
         self._bodies: dict[str, str] = {}
-
-    def _semaphore(self) -> asyncio.Semaphore:
-        loop = asyncio.get_running_loop()
-        if self._sem is None or self._sem_loop is not loop:
-            self._sem, self._sem_loop = asyncio.Semaphore(self.max_concurrency), loop
-        return self._sem
 
     def form(self, msg: OutgoingMessage) -> bytes:
         """The form-encoded request body for one message."""
@@ -207,50 +197,25 @@ class SmsProvider:
         """Post every message; one result each (see the module doc for the mapping)."""
         if not messages:
             return []
-        session = self._http.get()
-        sem = self._semaphore()
-        results: list[SendResult | None] = [None] * len(messages)
-        no_answer = 0
-        auth_failed = 0
-        queue = iter(range(len(messages)))
-
-        async def worker() -> None:
-            nonlocal no_answer, auth_failed
-            # A worker holds its permit for every message it takes, so concurrent
-            # batches finish one after another instead of in a convoy that leaves
-            # the pipe empty while they all do their Redis work at once (a
-            # per-request permit measured 64% of a bare client in the benchmark).
-            async with sem:
-                for i in queue:
-                    msg = messages[i]
-                    try:
-                        async with session.post(
-                            self.url, data=self.form(msg), headers=self._headers
-                        ) as resp:
-                            status = resp.status
-                            payload = await resp.read()
-                            retry_after = resp.headers.get("Retry-After")
-                    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                        no_answer += 1
-                        results[i] = SendResult(
-                            msg.subscriber_id,
-                            ok=False,
-                            error=f"no answer ({type(exc).__name__})",
-                            retriable=True,
-                        )
-                        continue
-                    result = self._answer(msg, status, payload, retry_after)
-                    if status in (401, 403) and not result.ok:
-                        auth_failed += 1
-                    results[i] = result
-
-        await asyncio.gather(*(worker() for _ in range(min(len(messages), self.max_concurrency))))
+        answers = await self._poster.post_all(messages, self.form, self._headers)
+        results = []
+        no_answer = auth_failed = 0
+        for msg, answer in zip(messages, answers, strict=True):
+            if isinstance(answer, Exception):
+                no_answer += 1
+                error = f"no answer ({type(answer).__name__})"
+                results.append(SendResult(msg.subscriber_id, ok=False, error=error, retriable=True))
+                continue
+            result = self._answer(msg, answer.status, answer.payload, answer.retry_after)
+            if answer.status in (401, 403) and not result.ok:
+                auth_failed += 1
+            results.append(result)
         if no_answer == len(messages):
             raise ProviderError(f"{self.name}: provider unreachable", retriable=True)
         if auth_failed == len(messages):
             raise ProviderError(f"{self.name}: authentication rejected", retriable=False)
-        return [r for r in results if r is not None]
+        return results
 
     async def aclose(self) -> None:
         """Close the HTTP session."""
-        await self._http.close()
+        await self._poster.aclose()
