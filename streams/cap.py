@@ -8,24 +8,40 @@ ISO-8859-1, ``cap:`` prefix, XML signatures, unknown elements...) are accepted a
 recorded in ``Alert.warnings``; anything that would make us route or word an alert wrongly
 raises :class:`CapError` with a short machine-readable ``reason`` for the DLQ.
 
-The ``check_*`` helpers and :class:`Budget` are shared with ``streams.hazard_json`` so
-JSON feeds obey exactly the same rules.
+The rules shared with ``streams.hazard_json`` (errors, budgets, ``check_*``) live in
+``streams.cap_checks`` and the polygon / circle parsers in ``streams.cap_geometry``; both
+are re-exported here, so ``from streams.cap import ...`` is the one public API.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
-import operator
 import re
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import datetime
 
-import msgspec
 from lxml import etree
 
+from streams.cap_checks import (
+    CAP_NAMESPACES,
+    CATEGORIES,
+    DEFAULT_LIMITS,
+    DSIG_NS,
+    NEEDS_REFERENCES,
+    Budget,
+    CapError,
+    CapLimits,
+    check_datetime,
+    check_enum,
+    check_identifier,
+    check_references,
+    dedupe,
+)
+from streams.cap_geometry import (
+    check_circle,
+    check_ring,
+    parse_circle_text,
+    parse_polygon_text,
+)
 from streams.records import (
     CERTAINTIES,
     MSG_TYPES,
@@ -35,283 +51,16 @@ from streams.records import (
     URGENCIES,
     Alert,
     Area,
-    Circle,
     Geocode,
     Info,
 )
 
-CAP_NAMESPACES = {
-    "urn:oasis:names:tc:emergency:cap:1.2": "1.2",
-    "urn:oasis:names:tc:emergency:cap:1.1": "1.1",
-    "http://www.incident.com/cap/1.0": "1.0",
-}
-DSIG_NS = "http://www.w3.org/2000/09/xmldsig#"
-CATEGORIES = ("Geo", "Met", "Safety", "Security", "Rescue", "Fire", "Health", "Env",
-              "Transport", "Infra", "CBRNE", "Other")  # fmt: skip
-# msgTypes that only make sense relative to earlier messages (CAP 1.2 section 3.2.1).
-NEEDS_REFERENCES = ("Update", "Cancel")
-
-
-class CapError(ValueError):
-    """A rejected input. ``reason`` is a short code for the DLQ; ``str(e)`` explains it."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class CapLimits:
-    """Resource budgets for one input document (the defaults admit every real file in data/)."""
-
-    max_bytes: int = 4_000_000
-    max_depth: int = 64
-    max_areas: int = 5_000
-    max_polygons: int = 5_000
-    max_vertices: int = 500_000
-    max_alerts: int = 1_000  # a non-standard <alerts> wrapper / JSON collection
-
-
-DEFAULT_LIMITS = CapLimits()
-
-
-class Budget:
-    """Counts areas, polygons and vertices across one document and fails fast past a limit.
-
-    Counting happens *before* the coordinates are converted, so a 20,000-polygon bomb
-    is refused without building 20,000 lists.
-    """
-
-    __slots__ = ("areas", "limits", "polygons", "vertices")
-
-    def __init__(self, limits: CapLimits) -> None:
-        self.limits = limits
-        self.areas = self.polygons = self.vertices = 0
-
-    def area(self) -> None:
-        """Account for one more area."""
-        self.areas += 1
-        if self.areas > self.limits.max_areas:
-            raise CapError("too_many_areas", f"more than {self.limits.max_areas} areas")
-
-    def polygon(self, vertices: int) -> None:
-        """Account for one more polygon of ``vertices`` points."""
-        self.polygons += 1
-        self.vertices += vertices
-        if self.polygons > self.limits.max_polygons:
-            raise CapError("too_many_polygons", f"more than {self.limits.max_polygons} polygons")
-        if self.vertices > self.limits.max_vertices:
-            raise CapError("too_many_vertices",
-                           f"more than {self.limits.max_vertices} polygon vertices in total")
-
-
-# --------------------------------------------------------------------- shared validators
-# [0-9] not \d: \d would accept non-ASCII digits that fromisoformat then rejects oddly.
-_DT_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?"
-                    r"(Z|[+-][0-9]{2}:[0-9]{2})?")  # fmt: skip
-
-
-def check_datetime(value: str, field: str, warnings: list[str]) -> str:
-    """Validate a CAP date-time; return it stripped ("Z" rewritten to "+00:00" with a warning).
-
-    CAP requires an explicit numeric offset: a local time without one is ambiguous by
-    hours, which would make expiry (and so delivery) wrong; that is an error.
-    """
-    s = value.strip()
-    m = _DT_RE.fullmatch(s)
-    if m is None:
-        raise CapError("bad_datetime", f"<{field}> {value.strip()[:64]!r} is not an ISO 8601 "
-                                       "date-time like 2003-06-17T14:57:00-07:00")
-    if m.group(1) is None:
-        raise CapError("bad_datetime",
-                       f"<{field}> {s!r} has no time-zone offset (CAP requires one, e.g. -07:00)")
-    if m.group(1) == "Z":
-        warnings.append(f"<{field}> uses 'Z' (CAP requires a numeric offset); read as +00:00")
-        s = s[:-1] + "+00:00"
-    try:
-        datetime.fromisoformat(s)
-    except ValueError as e:
-        raise CapError("bad_datetime", f"<{field}> {s!r} is not a valid date-time: {e}") from None
-    return s
-
-
-def check_enum(value: str | None, allowed: tuple[str, ...], field: str,
-               warnings: list[str]) -> str:
-    """Validate an enumerated value; a case-only mismatch is fixed with a warning."""
-    if value is None:
-        raise CapError("missing_element", f"required <{field}> is missing")
-    v = value.strip()
-    if v in allowed:
-        return v
-    for a in allowed:
-        if a.lower() == v.lower():
-            warnings.append(f"<{field}> {v!r} normalised to {a!r}")
-            return a
-    raise CapError("bad_enum", f"<{field}> {v[:64]!r} is not one of: {', '.join(allowed)}")
-
-
-_BAD_ID_CHARS = re.compile(r"[\s,<&]")
-
-
-def check_identifier(value: str, field: str) -> str:
-    """Validate a CAP ``identifier`` / ``sender``: no whitespace, commas, ``<`` or ``&``.
-
-    CAP 1.1 and 1.2 forbid them because ``references`` is a whitespace-separated list of
-    comma-separated ``sender,identifier,sent`` triples: an identifier holding either could
-    never be referenced unambiguously by a later Update or Cancel.
-    """
-    m = _BAD_ID_CHARS.search(value)
-    if m is not None:
-        raise CapError("bad_identifier", f"<{field}> {value[:64]!r} contains {m.group()!r}; CAP "
-                                         "forbids spaces, commas, '<' and '&' in it")
-    return value
-
-
-def check_references(value: str | list[str] | None, msg_type: str,
-                     warnings: list[str]) -> list[str]:
-    """Validate references (whitespace-separated ``sender,identifier,sent`` triples)."""
-    if value is None:
-        if msg_type in NEEDS_REFERENCES:
-            raise CapError("missing_references", f"msgType {msg_type} must name the message(s) "
-                                                 "it replaces in <references>, which is missing")
-        return []
-    items = value.split() if isinstance(value, str) else value
-    if not items:
-        if msg_type in NEEDS_REFERENCES:
-            raise CapError("bad_references", f"<references> is empty but msgType {msg_type} "
-                                             "must list sender,identifier,sent triples")
-        # Real NAAD (Canada) Alerts carry an empty <references/>; an Alert references
-        # nothing, so dropping a national warning over it would be the wrong trade-off.
-        warnings.append(f"empty <references/> ignored (msgType {msg_type})")
-        return []
-    for item in items:
-        parts = item.split(",")
-        if len(parts) != 3 or not all(p.strip() for p in parts):
-            raise CapError("bad_references", f"<references> entry {item[:120]!r} is not a "
-                                             "sender,identifier,sent triple")
-    return list(items)
-
-
-def _range_error(lons: list[float], lats: list[float], where: str) -> CapError:
-    for lon, lat in zip(lons, lats, strict=True):
-        # The chained comparisons are False for NaN, so NaN is reported here too.
-        if not -90.0 <= lat <= 90.0:
-            return CapError("bad_polygon", f"{where}: latitude {lat} is not in [-90, 90]")
-        if not -180.0 <= lon <= 180.0:
-            hint = " (ring crosses the antimeridian)" if math.isfinite(lon) else ""
-            return CapError("bad_polygon", f"{where}: longitude {lon} is not in [-180, 180]{hint}")
-    return CapError("bad_polygon", f"{where}: coordinates are not finite numbers")
-
-
-def check_ring(lons: list[float], lats: list[float], where: str) -> list[tuple[float, float]]:
-    """Validate a polygon ring given as parallel lists; return it as ``(lon, lat)`` tuples.
-
-    Rules: every coordinate finite and in range, at least 4 points, first == last.
-    The common all-valid case is checked with C-level sum/min/max, not a Python loop.
-    """
-    if lons and not (
-        math.isfinite(sum(lons) + sum(lats))  # any NaN/inf poisons the sum
-        and -90.0 <= min(lats) and max(lats) <= 90.0
-        and -180.0 <= min(lons) and max(lons) <= 180.0
-    ):
-        raise _range_error(lons, lats, where)
-    if len(lons) < 4:
-        raise CapError("bad_polygon", f"{where}: {len(lons)} points; a polygon needs at least 4 "
-                                      "(first point repeated last)")
-    if lons[0] != lons[-1] or lats[0] != lats[-1]:
-        raise CapError("bad_polygon", f"{where}: not closed, first point (lat {lats[0]}, lon "
-                                      f"{lons[0]}) != last point (lat {lats[-1]}, lon {lons[-1]})")
-    return list(zip(lons, lats, strict=True))
-
-
-def check_circle(lon: float, lat: float, radius_km: float, where: str) -> Circle:
-    """Validate a circle centre (WGS84) and radius in km."""
-    if not (-90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0):
-        raise CapError("bad_circle", f"{where}: centre lat {lat}, lon {lon} is out of range")
-    if not (math.isfinite(radius_km) and radius_km >= 0.0):
-        raise CapError("bad_circle", f"{where}: radius {radius_km} km must be finite and >= 0")
-    return Circle(lon=lon, lat=lat, radius_km=radius_km)
-
-
-def dedupe(warnings: list[str]) -> list[str]:
-    """Warnings in first-seen order without repeats (one per distinct quirk)."""
-    return list(dict.fromkeys(warnings))
-
-
-# ----------------------------------------------------------------- CAP text geometry
-_WS_COMMA = re.compile(r"\s,|,\s")
-_STRAY_WS = re.compile(r"\s*,\s*")
-
-
-def _number(text: str) -> float:
-    if "_" in text:  # float() also accepts "1_0"; CAP coordinates never contain "_"
-        raise ValueError(text)
-    return float(text)
-
-
-def _well_formed(text: str, pairs: list[str]) -> bool:
-    # Every whitespace-separated token holds exactly one comma. Done with str.count and a
-    # C-level map (no Python loop per vertex): big rings are the hot path.
-    return text.count(",") == len(pairs) and all(map(operator.contains, pairs, _COMMAS))
-
-
-_COMMAS = itertools.repeat(",")
-_FLOAT_ARRAY = msgspec.json.Decoder(list[float])
-
-
-def parse_polygon_text(text: str, where: str, budget: Budget, warnings: list[str]
-                       ) -> list[tuple[float, float]]:
-    """Parse and validate CAP polygon text (``"lat,lon lat,lon ..."``) into a (lon, lat) ring."""
-    pairs = text.split()
-    if not _well_formed(text, pairs):
-        if _WS_COMMA.search(text):  # "38.47, -120.14": whitespace around the comma
-            warnings.append("stray whitespace inside polygon coordinates ignored")
-            text = _STRAY_WS.sub(",", text)
-            pairs = text.split()
-        if not _well_formed(text, pairs):
-            bad = next((p for p in pairs if p.count(",") != 1), text.strip())
-            raise CapError("bad_polygon", f"{where}: {bad[:64]!r} is not a 'lat,lon' pair")
-    budget.polygon(len(pairs))
-    try:
-        # Fast path: the pairs as one JSON array, parsed in C by msgspec (3x faster than
-        # float() per number on the 93,000-vertex NWS stress file). JSON numbers are a
-        # subset of what float() reads and both round correctly, so values are identical;
-        # anything else ("+1", ".5", "nan", "1_0") takes the float() path and its errors.
-        coords = _FLOAT_ARRAY.decode("[" + ",".join(pairs) + "]")
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        try:
-            coords = list(map(_number if "_" in text else float,
-                              text.replace(",", " ").split()))
-        except ValueError:
-            bad = next((p for p in pairs if not _numeric_pair(p)), text.strip())
-            raise CapError("bad_polygon", f"{where}: {bad[:64]!r} is not numeric") from None
-    return check_ring(coords[1::2], coords[0::2], where)  # CAP is lat,lon; we store lon,lat
-
-
-def _numeric_pair(pair: str) -> bool:
-    try:
-        for part in pair.split(","):
-            _number(part)
-    except ValueError:
-        return False
-    return True
-
-
-def parse_circle_text(text: str, where: str, warnings: list[str]) -> Circle:
-    """Parse and validate CAP circle text (``"lat,lon radius_km"``)."""
-    if _WS_COMMA.search(text):
-        warnings.append("stray whitespace inside circle coordinates ignored")
-        text = _STRAY_WS.sub(",", text)
-    parts = text.split()
-    centre = parts[0].split(",") if len(parts) == 2 else []
-    if len(centre) != 2:
-        raise CapError("bad_circle", f"{where}: {text.strip()[:64]!r} is not 'lat,lon radius_km'")
-    try:
-        lat, lon, radius = _number(centre[0]), _number(centre[1]), _number(parts[1])
-    except ValueError:
-        raise CapError("bad_circle", f"{where}: {text.strip()[:64]!r} is not numeric") from None
-    return check_circle(lon, lat, radius, where)
-
+__all__ = [
+    "CAP_NAMESPACES", "CATEGORIES", "DEFAULT_LIMITS", "DSIG_NS", "NEEDS_REFERENCES", "Budget",
+    "CapError", "CapLimits", "cap_version", "check_circle", "check_datetime", "check_enum",
+    "check_identifier", "check_references", "check_ring", "dedupe", "parse_cap",
+    "parse_circle_text", "parse_polygon_text", "parse_xml",
+]  # fmt: skip
 
 # ------------------------------------------------------------------------ XML parsing
 _ALERT_SINGLE = ("identifier", "sender", "sent", "status", "msgType", "scope", "note",
