@@ -51,7 +51,19 @@ class Settings(BaseSettings):
     # /metrics, /healthz and /readyz of a worker; port 0 = not served.
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0
+    # How often a worker samples its consumer lag into tocsin_consumer_lag.
+    consumer_lag_interval_s: float = Field(default=10.0, gt=0)
     log_level: str = "info"
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="json: one object per line (ops/logging.py); text: for people"
+    )
+    # faust/aiokafka tuning (issue 7; benchmarks/latency.py measures what each changes).
+    producer_linger_ms: int = Field(default=1, ge=0)
+    producer_max_batch_size: int = Field(default=16384, ge=1024)
+    consumer_fetch_max_wait_ms: int = Field(default=1500, ge=0, description="faust's default")
+    broker_commit_interval_s: float = Field(default=2.8, gt=0)
+    stream_buffer_maxsize: int = Field(default=4096, ge=1)
+    broker_max_poll_records: int = Field(default=0, ge=0, description="0 = no limit")
 
     # -- data ------------------------------------------------------------------------
     data_dir: Path = REPO_ROOT / "data"
@@ -144,6 +156,27 @@ class Settings(BaseSettings):
     api_jwt_secret: str = Field(default="", description="HS256 key; empty: JWT auth disabled")
     api_jwt_issuer: str = ""
     api_jwt_audience: str = ""
+    # OIDC: RS256/ES256 JWTs from an identity provider, verified against its JWKS.
+    api_oidc_issuer: str = Field(default="", description="the IdP's issuer URL; empty: off")
+    api_oidc_audience: str = Field(
+        default="", description="required with an issuer: this API's client id / audience"
+    )
+    api_oidc_jwks_url: str = Field(
+        default="", description="empty: from <issuer>/.well-known/openid-configuration"
+    )
+    api_oidc_roles_claim: str = Field(
+        default="roles", description="claim with the Tocsin roles; dotted for nested claims "
+        "(realm_access.roles); a list or a space-separated string"
+    )
+    api_oidc_org_claim: str = Field(default="org", description="claim with the organisation id")
+    api_oidc_algorithms: str = Field(default="RS256,ES256", description="accepted algorithms")
+    api_oidc_leeway_s: float = Field(default=60.0, ge=0, le=600, description="clock skew")
+    api_oidc_jwks_refetch_s: float = Field(
+        default=30.0, ge=0, description="least time between JWKS fetches for unknown key ids"
+    )
+    api_oidc_jwks_max_age_s: float = Field(
+        default=3600.0, gt=0, description="cached keys are refreshed after this long"
+    )
     api_approval_policy: Literal["every_actual", "from_severity"] = Field(
         default="every_actual",
         description="which Actual alerts need a second person's approval",

@@ -24,13 +24,17 @@ import faust
 import msgspec
 
 from channels.sender import send_batch
+from ops.logging import bind, log_context
 from ops.metrics import (
     DEAD_LETTERS,
     FIRST_SEND_SECONDS,
     INGESTED,
+    MATCH_REACH,
     MATCH_SECONDS,
     MATCHED,
-    SENDS,
+    count_receipt,
+    count_sends,
+    observe_app,
 )
 from ops.settings import Settings
 from streams import topics as T
@@ -79,10 +83,16 @@ def build_app(settings: Settings) -> faust.App:
         broker_rebalance_timeout=settings.broker_rebalance_timeout_s,
         broker_session_timeout=settings.broker_session_timeout_s,
         broker_heartbeat_interval=settings.broker_heartbeat_interval_s,
-        producer_linger_ms=1,
+        producer_linger_ms=settings.producer_linger_ms,
+        producer_max_batch_size=settings.producer_max_batch_size,
+        broker_commit_interval=settings.broker_commit_interval_s,
+        stream_buffer_maxsize=settings.stream_buffer_maxsize,
+        broker_max_poll_records=settings.broker_max_poll_records or None,
         web_enabled=False,  # ops.metrics serves /metrics, /healthz and /readyz instead
         topic_allow_declare=False,  # `tocsin` creates every topic with its own shape
     )
+    observe_app(app, settings.consumer_lag_interval_s)  # delivery metrics, consumer lag
+    _FETCH_MAX_WAIT_MS[id(app)] = settings.consumer_fetch_max_wait_ms
 
     def topic(name: str) -> faust.TopicT:
         return app.topic(
@@ -107,7 +117,8 @@ def build_app(settings: Settings) -> faust.App:
         nonlocal runtime
         async with lock:
             if runtime is None:
-                runtime = await Runtime.create(settings)
+                with log_context():  # its long-lived tasks must not inherit an alert's id
+                    runtime = await Runtime.create(settings)
             return runtime
 
     async def dead(stage: str, reason: str, payload: bytes, detail: str) -> None:
@@ -128,6 +139,7 @@ def build_app(settings: Settings) -> faust.App:
     async def ingest(stream: faust.StreamT) -> None:
         async for event in stream.events():
             r = await rt()
+            bind("ingest")
             payload = event.value or b""
             try:
                 outcome = await r.ingestor.ingest(payload, _headers(event))
@@ -142,6 +154,7 @@ def build_app(settings: Settings) -> faust.App:
                 await dlq.send(value=encode(letter))
             INGESTED.labels("duplicate", "").inc(outcome.duplicates)
             for alert in outcome.alerts:
+                bind("ingest", alert.key)
                 INGESTED.labels("accepted", "").inc()
                 log.info("alert %s accepted: %s %s from %s", alert.key, alert.status,
                          alert.msg_type, alert.sender)  # fmt: skip
@@ -150,11 +163,13 @@ def build_app(settings: Settings) -> faust.App:
     @app.agent(alerts)
     async def scatter_alerts(stream: faust.StreamT) -> None:
         async for payload in stream:
+            bind("scatter")
             try:
                 alert = _alert.decode(payload)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 await dead("scatter", "bad_alert_record", payload, str(exc))
                 continue
+            bind("scatter", alert.key)
             for partition, request in scatter(alert, settings.partitions, time.time()):
                 await match_requests.send(
                     key=alert.key.encode(), value=encode(request), partition=partition
@@ -171,11 +186,13 @@ def build_app(settings: Settings) -> faust.App:
         async for event in stream.events():
             r = await rt()
             partition = event.message.partition
+            bind("match")
             try:
                 request = _match.decode(event.value)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 await dead("match", "bad_match_request", event.value, str(exc))
                 continue
+            bind("match", request.alert_key)
             shard = r.shards.shard(partition)
             if shard is None:  # assignment moved on mid-flight; the new owner answers
                 continue
@@ -194,6 +211,7 @@ def build_app(settings: Settings) -> faust.App:
                 log.exception("match failed for alert %s", request.alert_key)
                 await dead("match", "internal_error", event.value, f"{exc!r}")
                 continue
+            MATCH_REACH.observe(n)
             for channel, count in counts.items():
                 MATCHED.labels(channel).inc(count)
             log.info("alert %s: shard %s matched %d subscribers", request.alert_key, partition, n)
@@ -204,13 +222,20 @@ def build_app(settings: Settings) -> faust.App:
     async def send_loop(stream: faust.StreamT) -> None:
         async for payload in stream:
             r = await rt()
+            bind("send")
             try:
                 batch = _batch.decode(payload)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 await dead("send", "bad_delivery_batch", payload, str(exc))
                 continue
+            bind("send", batch.alert_key)
+            picked_at = time.time()
             receipt, followup = await _send_one(r, batch)
-            await receipts.send(key=batch.alert_key.encode(), value=encode(receipt))
+            # When the sender took the batch: fan-out queueing vs send time (latency.py).
+            started = {T.H_SEND_STARTED_AT: repr(picked_at).encode()}
+            await receipts.send(
+                key=batch.alert_key.encode(), value=encode(receipt), headers=started
+            )
             if followup is not None:
                 await deliver(followup)
 
@@ -222,10 +247,15 @@ def build_app(settings: Settings) -> faust.App:
     async def count_receipts(stream: faust.StreamT) -> None:
         async for payload in stream:
             r = await rt()
+            bind("receipts")
             try:
-                await r.store.apply_receipt(_receipt.decode(payload))
+                receipt = _receipt.decode(payload)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 await dead("receipts", "bad_receipt", payload, str(exc))
+                continue
+            bind("receipts", receipt.alert_key)
+            count_receipt(receipt.channel, [x.status for x in receipt.results])
+            await r.store.apply_receipt(receipt)
 
     @app.on_before_shutdown.connect
     async def close_runtime(sender: Any, /, *args: Any, signal: Any, **_: Any) -> None:
@@ -233,6 +263,31 @@ def build_app(settings: Settings) -> faust.App:
             await runtime.close()
 
     return app
+
+
+def _patch_fetch_max_wait() -> None:
+    """faust hard-codes its worker consumer's ``fetch_max_wait_ms`` (1500): apply the
+    app's ``consumer_fetch_max_wait_ms`` to the aiokafka consumer before it starts."""
+    from faust.transport.drivers import aiokafka as driver
+
+    cls = driver.AIOKafkaConsumerThread
+    original = cls._create_worker_consumer
+    if getattr(original, "_tocsin", False):
+        return
+
+    def create(self: Any, transport: Any) -> Any:
+        consumer = original(self, transport)
+        wait = _FETCH_MAX_WAIT_MS.get(id(self.app))
+        if wait is not None:
+            consumer._fetch_max_wait_ms = wait
+        return consumer
+
+    create._tocsin = True  # type: ignore[attr-defined]
+    cls._create_worker_consumer = create  # type: ignore[method-assign]
+
+
+_FETCH_MAX_WAIT_MS: dict[int, int] = {}
+_patch_fetch_max_wait()
 
 
 def _settle(batch: DeliveryBatch, status: DeliveryStatus, reason: str) -> Receipt:
@@ -270,8 +325,7 @@ async def _send_one(r: Runtime, batch: DeliveryBatch) -> tuple[Receipt, Delivery
         log.exception("send failed for alert %s", batch.alert_key)
         reason = "internal error: " + traceback.format_exc(limit=1).splitlines()[-1]
         return _settle(batch, "failed", reason), None
-    for result in receipt.results:
-        SENDS.labels(batch.channel, receipt.provider, result.status).inc()
+    count_sends(batch.channel, receipt.provider, [x.status for x in receipt.results])
     languages = {x.subscriber_id: x.language for x in batch.recipients}
     warned = {x.subscriber_id: languages[x.subscriber_id] for x in receipt.results
               if x.status == "sent"}  # fmt: skip

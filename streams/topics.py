@@ -31,6 +31,8 @@ AUDIT = "audit"
 H_CONTENT_TYPE = "content-type"
 H_SOURCE = "source"
 H_PRODUCED_AT = "tocsin-produced-at"
+# On receipts: when the sender picked the delivery batch up (fan-out queueing ends).
+H_SEND_STARTED_AT = "tocsin-send-started-at"
 
 
 @dataclass(frozen=True)
