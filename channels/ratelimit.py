@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import redis.asyncio as aioredis
 
 from channels.base import OutgoingMessage, Provider, ProviderError, SendResult
+from channels.events import delivery_events
 from streams.records import Channel
 
 __all__ = ["RateLimitedProvider", "RateLimiter"]
@@ -107,7 +108,9 @@ class RateLimiter:
             if not wait:
                 return
             # Jitter spreads competing workers so one does not always lose the race.
-            await asyncio.sleep(wait + random.uniform(0, min(0.01, wait)))
+            pause = wait + random.uniform(0, min(0.01, wait))
+            delivery_events().rate_limit_wait(self.name, pause)
+            await asyncio.sleep(pause)
 
 
 class RateLimitedProvider:

@@ -35,6 +35,7 @@ from datetime import datetime
 
 from channels.base import OutgoingMessage, Provider, ProviderError, SendResult
 from channels.contacts import ContactStore
+from channels.events import delivery_events
 from channels.idempotency import ClaimState, IdempotencyGuard
 from streams.records import Alert, DeliveryBatch, DeliveryStatus, Receipt, RecipientResult
 from templates.render import RenderedMessage, Renderer, select_info
@@ -71,6 +72,17 @@ def _ttl_s(expires: str | None, now: float) -> int | None:
     if dt.tzinfo is None:
         return None
     return max(0, min(_MAX_TTL_S, int(dt.timestamp() - now)))
+
+
+def _failure_kind(res: SendResult | None) -> str:
+    """One message's failure kind for ``channels.events`` ("" when it was sent)."""
+    if res is None:
+        return "no_result"
+    if res.ok:
+        return ""
+    if res.invalid_address:
+        return "invalid_address"
+    return "retriable" if res.retriable else "permanent"
 
 
 def _backoff(attempt: int, base_s: float, max_s: float) -> float:
@@ -190,6 +202,9 @@ class _Delivery:
                     break
                 if p_index:
                     await self._recheck_claims()
+                    if self.unsettled:
+                        events = delivery_events()
+                        events.failover(self.batch.channel, provider.name, len(self.unsettled))
                 await self._try_provider(provider, contacts)
         failed = list(self.unsettled)
         for sid in failed:
@@ -225,9 +240,13 @@ class _Delivery:
                 batch = {s: m for s, m in batch.items() if s in self.unsettled}
             if not batch:
                 return
+            channel = self.batch.channel
+            delivery_events().attempt(channel, provider.name, len(batch), retry=attempt > 0)
             try:
                 results = await provider.send_batch(list(batch.values()))
             except ProviderError as exc:
+                kind = "retriable" if exc.retriable else "permanent"
+                delivery_events().failure(channel, provider.name, kind, len(batch))
                 retry_after = exc.retry_after_s
                 reason = _scrub(f"{provider.name}: {exc}", self.addresses)
                 self.last_error.update(dict.fromkeys(batch, reason))
@@ -242,6 +261,7 @@ class _Delivery:
                     return  # fail over at once
                 continue
             except Exception as exc:  # a provider bug must not stop the failover chain
+                delivery_events().failure(channel, provider.name, "error", len(batch))
                 reason = f"{provider.name}: {type(exc).__name__}"
                 self.last_error.update(dict.fromkeys(batch, reason))
                 log.exception(
@@ -267,8 +287,12 @@ class _Delivery:
         dead: list[OutgoingMessage] = []
         retry: dict[str, OutgoingMessage] = {}
         retry_after: float | None = None
+        failed: dict[str, int] = {}  # failure kind -> messages, for delivery_events()
         for sid, msg in batch.items():
             res = by_sid.get(sid)
+            kind = _failure_kind(res)
+            if kind:
+                failed[kind] = failed.get(kind, 0) + 1
             if res is None:
                 self.last_error[sid] = f"{provider.name}: no result"
                 retry[sid] = msg
@@ -286,6 +310,8 @@ class _Delivery:
                     retry[sid] = msg
                     if res.retry_after_s is not None:
                         retry_after = max(retry_after or 0.0, res.retry_after_s)
+        for kind, count in failed.items():
+            delivery_events().failure(self.batch.channel, provider.name, kind, count)
         if sent:
             for sid in sent:
                 self.result(sid, "sent")

@@ -7,7 +7,6 @@ with one line saying what was wrong.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from pathlib import Path
 
@@ -69,12 +68,13 @@ def worker() -> None:
     """Run a stream worker (all agents) against the configured broker and Redis."""
     settings = get_settings()
     _require(settings, redis=True)
-    logging.basicConfig(level=settings.log_level.upper())
     from faust import Worker
 
+    from ops.logging import configure_logging, logging_config
     from streams.app import build_app
     from streams.topics import ensure_topics
 
+    configure_logging(settings.log_level, settings.log_format)
     asyncio.run(
         ensure_topics(
             settings.kafka_bootstrap_servers,
@@ -84,7 +84,10 @@ def worker() -> None:
         )
     )
     faust_app = build_app(settings)
-    Worker(faust_app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
+    Worker(
+        faust_app, loglevel=settings.log_level, quiet=True,
+        logging_config=logging_config(settings.log_level, settings.log_format),
+    ).execute_from_commandline()  # fmt: skip
 
 
 @app.command()
