@@ -27,9 +27,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from channels.contacts import ContactStore
 from geofencing.gazetteer import Gazetteer, standard_gazetteer
 from ops.api.audit import AuditLog
-from ops.api.auth import Authenticator, ChainAuthenticator, JwtAuthenticator, TokenAuthenticator
+from ops.api.auth import Authenticator
 from ops.api.citizen_store import CitizenStore
 from ops.api.identity import IdentityStore, ensure_bootstrap_admin
+from ops.api.oidc import build_authenticator
 from ops.api.otp import OtpNotifier, OtpService, ProviderOtpNotifier
 from ops.api.preview import PreviewIndex
 from ops.api.ratelimit import ApiRateLimiter
@@ -208,11 +209,7 @@ class ApiContext:
             await redis.aclose()
             raise
         identity = IdentityStore(redis, secret)
-        authenticators: list[Authenticator] = [TokenAuthenticator(identity)]
-        if settings.api_jwt_secret:
-            authenticators.append(JwtAuthenticator(
-                settings.api_jwt_secret.encode(), identity, issuer=settings.api_jwt_issuer,
-                audience=settings.api_jwt_audience))
+        authenticator = build_authenticator(settings, identity)  # tokens, JWT, OIDC
         if settings.api_bootstrap_admin_token:
             await ensure_bootstrap_admin(identity, settings.api_bootstrap_admin_token)
         contacts = ContactStore(redis)
@@ -221,7 +218,7 @@ class ApiContext:
                          max_attempts=settings.api_otp_max_attempts)
         return cls(
             settings=settings, redis=redis, secret=secret, gazetteer=gazetteer, senders=senders,
-            identity=identity, authenticator=ChainAuthenticator(authenticators),
+            identity=identity, authenticator=authenticator,
             audit=AuditLog(redis, bus.audit), bus=bus, index=index, times=times,
             workflow=WorkflowStore(redis), alerts=AlertStore(redis), contacts=contacts,
             citizens=CitizenStore(redis, secret, contacts, otp), otp=otp,

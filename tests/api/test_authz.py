@@ -137,24 +137,32 @@ async def test_bad_and_revoked_tokens_are_401(shared_api: Api) -> None:
 
 
 async def test_jwt_authenticator(shared_api: Api) -> None:
-    """The OIDC path: an HS256 JWT from an identity provider, verified and mapped."""
+    """HS256 JWTs under a shared secret: verified, mapped, refused with a reason."""
     import base64
     import time
 
-    from ops.api.auth import ChainAuthenticator, JwtAuthenticator, make_jwt
+    from ops.api.auth import AuthError, ChainAuthenticator, TokenAuthenticator
+    from ops.api.oidc import JwtAuthenticator, make_jwt
 
-    secret = b"idp-shared-secret"
-    auth = ChainAuthenticator([JwtAuthenticator(secret, shared_api.ctx.identity, issuer="idp")])
+    secret = b"idp-shared-secret-of-at-least-32-bytes"
+    ident = shared_api.ctx.identity
+    auth = ChainAuthenticator([TokenAuthenticator(ident),
+                               JwtAuthenticator(secret, ident, issuer="idp")])
     now = time.time()
     claims = {"sub": "alice", "org": "demo-county", "roles": ["approver", "bogus"],
               "exp": now + 60, "iss": "idp"}
     principal = await auth.authenticate(make_jwt(claims, secret))
     assert principal is not None and principal.roles == {"approver"}
     assert principal.org == "demo-county" and principal.via == "jwt"
-    assert await auth.authenticate(make_jwt({**claims, "exp": now - 3600}, secret)) is None
-    assert await auth.authenticate(make_jwt({**claims, "iss": "evil"}, secret)) is None
-    assert await auth.authenticate(make_jwt(claims, b"wrong")) is None
-    assert await auth.authenticate(make_jwt({**claims, "org": "nowhere"}, secret)) is None
+    for bad, why in (({**claims, "exp": now - 3600}, "expired"), ({**claims, "iss": "evil"},
+                     "issuer"), ({**claims, "org": "nowhere"}, "not known"),
+                     ({k: v for k, v in claims.items() if k != "exp"}, "'exp'"),
+                     ({**claims, "roles": ["bogus"]}, "no Tocsin role")):
+        with pytest.raises(AuthError, match=why):
+            await auth.authenticate(make_jwt(bad, secret))
+    with pytest.raises(AuthError, match="bad signature"):
+        await auth.authenticate(make_jwt(claims, b"wrong-secret-of-at-least-32-bytes!!"))
     body = make_jwt(claims, secret).split(".")[1]
     none_header = base64.urlsafe_b64encode(b'{"alg":"none"}').rstrip(b"=").decode()
-    assert await auth.authenticate(f"{none_header}.{body}.") is None
+    assert await auth.authenticate(f"{none_header}.{body}.") is None  # not an HS256 token
+    assert await auth.authenticate("not-a-token") is None
