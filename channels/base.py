@@ -62,6 +62,7 @@ class OutgoingMessage:
     ttl_s: int | None = None
     severity: str = ""
     urgency: str = ""
+    html: str = ""  # email only: the rendered HTML part ("" = derive it from ``body``)
 
 
 @dataclass(frozen=True, slots=True)

@@ -162,9 +162,8 @@ class SmtpProvider:
             if msg.language:
                 em["Content-Language"] = msg.language
             em.set_content(msg.body, charset="utf-8")
-            em.add_alternative(
-                text_to_html(msg.body, msg.language, msg.subject), subtype="html", charset="utf-8"
-            )
+            html_part = msg.html or text_to_html(msg.body, msg.language, msg.subject)
+            em.add_alternative(html_part, subtype="html", charset="utf-8")
             data = self._built[key] = em.as_bytes(policy=_POLICY)
             if len(self._built) > _CACHE:
                 self._built.popitem(last=False)

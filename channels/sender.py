@@ -156,19 +156,26 @@ class _Delivery:
         self.status[sid] = RecipientResult(sid, status, error)
 
     def messages(self, addresses: dict[str, str], sids: list[str]) -> list[OutgoingMessage]:
-        languages = {r.subscriber_id: r.language for r in self.batch.recipients}
-        rendered: dict[str, tuple[RenderedMessage, int | None, str, str]] = {}
+        # Rendering inputs per recipient: language, time zone (the expiry is shown in
+        # local time) and the matched place's name. Few distinct triples per alert.
+        readers = {
+            r.subscriber_id: (r.language, r.timezone, r.place) for r in self.batch.recipients
+        }
+        rendered: dict[tuple[str, str, str], tuple[RenderedMessage, int | None, str, str]] = {}
         now = time.time()
         out = []
         for sid in sids:
-            lang = languages[sid]
-            cached = rendered.get(lang)
+            reader = readers[sid]
+            lang, tz, place = reader
+            cached = rendered.get(reader)
             if cached is None:
-                msg = self.renderer.render(self.alert, self.batch.channel, lang)
+                msg = self.renderer.render(
+                    self.alert, self.batch.channel, lang, timezone=tz, place=place
+                )
                 info = select_info(self.alert, lang)
                 severity = info.severity if info else self.alert.max_severity
                 urgency = info.urgency if info else ""
-                cached = rendered[lang] = (msg, _ttl_s(msg.expires, now), severity, urgency)
+                cached = rendered[reader] = (msg, _ttl_s(msg.expires, now), severity, urgency)
             msg, ttl_s, severity, urgency = cached
             out.append(
                 OutgoingMessage(
@@ -185,6 +192,7 @@ class _Delivery:
                     ttl_s=ttl_s,
                     severity=severity,
                     urgency=urgency,
+                    html=msg.html,
                 )
             )
         return out

@@ -110,6 +110,9 @@ class Settings(BaseSettings):
     sms_status_callback_url: str = ""
     sms_max_concurrency: int = Field(default=100, ge=1)
     sms_timeout_s: float = Field(default=10.0, gt=0)
+    sms_max_segments: int = Field(
+        default=3, ge=1, le=10, description="SMS texts are cut to fit this many segments"
+    )
     sms_rate_per_s: float = Field(default=0.0, ge=0, description="0 = unlimited")
     sms_rate_burst: int = Field(default=0, ge=0, description="0 = one second's worth")
     sms_backup_base_url: str = ""

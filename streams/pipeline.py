@@ -245,7 +245,7 @@ def match(
             continue
         subscribers += 1
         for channel in sub.channels:
-            per_channel[channel].append(Recipient(sub.id, sub.language))
+            per_channel[channel].append(Recipient(sub.id, sub.language, sub.name, sub.timezone))
     batches = []
     now = time.time()
     for channel, recipients in per_channel.items():

@@ -160,6 +160,9 @@ class Subscription(msgspec.Struct):
     accept_tests: bool = False
     quiet_hours: str = ""  # "22:00-07:00" in ``timezone``; Severe/Extreme still get through
     timezone: str = "UTC"
+    # The citizen's own label for this place or zone ("Home"), shown in the warning
+    # ("Affects your place: Home"). A label, not a contact detail; added last.
+    name: str = ""
 
 
 class MatchRequest(msgspec.Struct):
@@ -175,10 +178,19 @@ class MatchRequest(msgspec.Struct):
 
 
 class Recipient(msgspec.Struct, array_like=True):
-    """A matched subscriber on one channel; no contact details."""
+    """A matched subscriber on one channel; no contact details.
+
+    ``place`` (the subscription's ``name``) and ``timezone`` are rendering inputs: the
+    warning names the matched place and shows the expiry in the citizen's local time.
+    They travel only on ``deliveries.*`` (never on hazard or match topics); "" means
+    unknown (records from before they were added decode with the defaults, and older
+    readers ignore the extra trailing array items).
+    """
 
     subscriber_id: str
     language: str
+    place: str = ""
+    timezone: str = ""
 
 
 class DeliveryBatch(msgspec.Struct):

@@ -29,7 +29,7 @@ from streams.records import CHANNELS
 from streams.shards import ShardSet, SubscriptionReader
 from streams.state import AlertStore
 from streams.topics import SUBSCRIPTIONS
-from templates.render import Renderer
+from templates.render import Budgets, Renderer
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class Runtime:
             guard=IdempotencyGuard(
                 client, ttl_s=settings.idempotency_ttl_s, lease_s=settings.claim_lease_s
             ),
-            renderer=Renderer(),
+            renderer=Renderer(budgets=Budgets(sms_segments=settings.sms_max_segments)),
             providers={c: build_providers(settings, c, client) for c in CHANNELS},
         )
 

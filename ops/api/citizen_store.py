@@ -156,7 +156,8 @@ class CitizenStore:
                       min_severity=rec.prefs.min_severity, accept_tests=rec.prefs.accept_tests,
                       quiet_hours=rec.prefs.quiet_hours, timezone=rec.prefs.timezone)
         subs = [Subscription(id=f"{rec.id}:{key}", kind="place", lon=p.lon, lat=p.lat,
-                             radius_m=p.radius_m, **common)  # type: ignore[arg-type]
+                             radius_m=p.radius_m, name=p.name,
+                             **common)  # type: ignore[arg-type]
                 for key, p in rec.places.items()]
         subs += [Subscription(id=zone_sub_id(rec.id, code), kind="zone", zone=code,
                               **common)  # type: ignore[arg-type]

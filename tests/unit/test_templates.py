@@ -1,62 +1,44 @@
-"""Renderer: language selection, status prefixes, budgets, SMS encoding, cache."""
+"""Renderer: language selection, status prefixes, time zones, places, WEA texts, budgets,
+SMS encoding, cache, and golden files for every template in English, Spanish and French.
+
+Golden files live in tests/golden/; regenerate them with ``TOCSIN_UPDATE_GOLDEN=1``
+and review the diff by eye (they must read well to a native speaker).
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
-from defusedxml import ElementTree
 
-from streams.records import Alert, Area, Info
+from streams.cap import parse_cap
+from streams.records import Alert, Geocode, Info
+from templates.budgets import Budgets
 from templates.render import (
+    KINDS,
     PUSH_BODY_MAX,
+    PUSH_TITLE_MAX,
     SUBJECT_MAX,
+    WEA_LONG_MAX,
+    WEA_SHORT_MAX,
     Renderer,
     is_gsm7,
     select_info,
     sms_segments,
 )
 
-CAP_NS = {"cap": "urn:oasis:names:tc:emergency:cap:1.2"}
 AMBER = "cap12/oasiscap__spec12_A4_amber_multilingual.xml"
+STORM = "cap12/oasiscap__spec12_A2_severe_thunderstorm.xml"
+MICHIGAN = "cap12/oasiscap__ipaws_civil_emergency_michigan.xml"
+GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 
 
 def load_cap(path: Path) -> Alert:
-    """A minimal CAP 1.2 -> Alert mapping, enough for rendering tests."""
-    root = ElementTree.parse(path).getroot()
-
-    def text(el: object, tag: str, default: str = "") -> str:
-        found = el.find(f"cap:{tag}", CAP_NS)  # type: ignore[attr-defined]
-        return found.text.strip() if found is not None and found.text else default
-
-    infos = []
-    for el in root.findall("cap:info", CAP_NS):
-        infos.append(
-            Info(
-                language=text(el, "language", "en-US"),
-                event=text(el, "event"),
-                urgency=text(el, "urgency"),
-                severity=text(el, "severity"),
-                certainty=text(el, "certainty"),
-                sender_name=text(el, "senderName"),
-                headline=text(el, "headline"),
-                description=text(el, "description"),
-                instruction=text(el, "instruction"),
-                web=text(el, "web"),
-                expires=text(el, "expires") or None,
-                areas=[Area(desc=text(a, "areaDesc")) for a in el.findall("cap:area", CAP_NS)],
-            )
-        )
-    return Alert(
-        identifier=text(root, "identifier"),
-        sender=text(root, "sender"),
-        sent=text(root, "sent"),
-        status=text(root, "status"),
-        msg_type=text(root, "msgType"),
-        scope=text(root, "scope"),
-        infos=infos,
-    )
+    """A real CAP file through the real parser."""
+    return parse_cap(path.read_bytes(), source=path.name)[0]
 
 
 @pytest.fixture
@@ -64,16 +46,13 @@ def amber(data_dir: Path) -> Alert:
     return load_cap(data_dir / "cap" / AMBER)
 
 
+@pytest.fixture
+def storm(data_dir: Path) -> Alert:
+    return load_cap(data_dir / "cap" / STORM)
+
+
 def with_status(alert: Alert, status: str, msg_type: str = "Alert") -> Alert:
-    return Alert(
-        identifier=alert.identifier,
-        sender=alert.sender,
-        sent=alert.sent,
-        status=status,
-        msg_type=msg_type,
-        scope=alert.scope,
-        infos=alert.infos,
-    )
+    return msgspec.structs.replace(alert, status=status, msg_type=msg_type)
 
 
 def one_info(status: str = "Actual", **fields: Any) -> Alert:
@@ -144,7 +123,11 @@ def test_email_has_description_reflowed_and_subject(amber: Alert) -> None:
     msg = Renderer().render(amber, "email", "en")
     assert msg.subject == "Child Abduction: Amber Alert in Los Angeles County"
     assert "WEARING RED SHORTS, WHITE T-SHIRT, W/BLUE COLLAR. LOCATION:" in msg.body
-    assert "Severity: Severe / Immediate / Likely" in msg.body
+    assert "Severity: Severe\nUrgency: Immediate\nCertainty: Likely" in msg.body
+    es = Renderer().render(amber, "email", "es")
+    assert "Gravedad: Grave\nUrgencia: Inmediata\nCerteza: Probable" in es.body
+    fr = Renderer().render(amber, "email", "fr")
+    assert "Gravité : Grave\nUrgence : Immédiate\nCertitude : Probable" in fr.body
     assert "\n\n\n" not in msg.body
 
 
@@ -286,9 +269,215 @@ def test_alert_without_info_still_renders() -> None:
     assert msg.body.startswith("TEST: Alert")
 
 
-def test_expires_is_formatted(amber: Alert) -> None:
+# -- expiry in the reader's time zone ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("language", "timezone", "line"),
+    [
+        # 18:00 at UTC-7 is 01:00 UTC the next day.
+        ("en", "America/Chicago", "Until 8:00 PM CDT Mon, Jul 1"),
+        ("en", "America/Los_Angeles", "Until 6:00 PM PDT Mon, Jul 1"),
+        ("en", "Europe/London", "Until 2:00 AM BST Tue, Jul 2"),
+        ("en", "Asia/Kolkata", "Until 6:30 AM IST Tue, Jul 2"),
+        ("en", "America/Sao_Paulo", "Until 10:00 PM UTC-3 Mon, Jul 1"),
+        ("en", "UTC", "Until 1:00 AM UTC Tue, Jul 2"),
+        ("es", "America/Mexico_City", "Hasta las 19:00 CST del lunes 1 de julio"),
+        ("es", "Europe/Madrid", "Hasta las 3:00 CEST del martes 2 de julio"),
+        ("fr", "America/Toronto", "Jusqu'au lundi 1er juillet à 21 h EDT"),
+        ("fr", "Asia/Kolkata", "Jusqu'au mardi 2 juillet à 6 h 30 IST"),
+        # No zone known, or an unknown one: the sender's own offset, still unambiguous.
+        ("en", "", "Until 6:00 PM UTC-7 Mon, Jul 1"),
+        ("fr", "Mars/Olympus_Mons", "Jusqu'au lundi 1er juillet à 18 h UTC-7"),
+    ],
+)
+def test_expiry_is_shown_in_the_readers_time_zone(language: str, timezone: str, line: str) -> None:
     alert = one_info(event="Heat", expires="2024-07-01T18:00:00-07:00")
-    assert "Expires: 2024-07-01 18:00 UTC-07:00" in Renderer().render(alert, "push", "en").body
+    for channel in ("push", "email"):
+        body = Renderer().render(alert, channel, language, timezone=timezone).body
+        assert line in body.splitlines()
+
+
+def test_winter_time_and_one_oclock_in_spanish() -> None:
+    alert = one_info(event="Frío", expires="2024-01-15T07:05:00+00:00")
+    body = Renderer().render(alert, "sms", "es", timezone="America/Chicago").body
+    assert "Hasta la 1:05 CST del lunes 15 de enero." in body
+
+
+def test_short_expiry_in_the_90_character_text() -> None:
+    alert = one_info(event="Flood Warning", expires="2024-07-01T18:30:00-07:00")
+    renderer = Renderer()
+    assert renderer.render(alert, "wea90", "en", timezone="America/Chicago").body == (
+        "Flood Warning in this area until 8:30 PM CDT."
+    )
+    assert renderer.render(alert, "wea90", "fr", timezone="America/Toronto").body == (
+        "Flood Warning dans ce secteur jusqu'à 21 h 30 EDT."
+    )
+
+
+# -- the matched place ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("language", "line"),
+    [
+        ("en", "Affects your place: Home"),
+        ("es-MX", "Afecta a su lugar: Home"),
+        ("fr-CA", "Concerne votre lieu : Home"),
+    ],
+)
+def test_the_matched_place_is_named(amber: Alert, language: str, line: str) -> None:
+    renderer = Renderer()
+    for channel in ("push", "sms", "email"):
+        msg = renderer.render(amber, channel, language, place="Home")
+        assert line in msg.body, channel
+        assert line in renderer.render(amber, "email", language, place="Home").html
+        assert "your place" not in renderer.render(amber, channel, language).body
+
+
+def test_place_names_are_not_template_code_and_are_escaped_in_html(amber: Alert) -> None:
+    place = "{{ 7*7 }} <b>Mum's</b> & co"
+    msg = Renderer().render(amber, "email", "en", place=place)
+    assert f"Affects your place: {place}" in msg.body
+    assert "Affects your place: {{ 7*7 }} &lt;b&gt;Mum&#39;s&lt;/b&gt; &amp; co" in msg.html
+
+
+def test_renders_are_cached_per_reader(amber: Alert) -> None:
+    renderer = Renderer()
+    home = renderer.render(amber, "push", "en", timezone="UTC", place="Home")
+    assert renderer.render(amber, "push", "en", timezone="UTC", place="Home") is home
+    assert renderer.render(amber, "push", "en", timezone="UTC", place="Work") is not home
+    assert renderer.render(amber, "push", "en", timezone="Europe/Paris", place="Home") is not home
+    assert renderer.cache_info().misses == 3
+
+
+# -- cancellation notices -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channel", KINDS)
+def test_a_cancel_does_not_repeat_the_call_to_action(storm: Alert, channel: str) -> None:
+    cancel = with_status(storm, "Actual", "Cancel")
+    msg = Renderer().render(cancel, channel, "en", timezone="America/Chicago", place="Home")
+    assert msg.body.startswith("CANCELLED: ")
+    assert "TAKE COVER" not in msg.body and "Until" not in msg.body
+    assert "This alert has been cancelled." in msg.body
+    assert "SEVERE THUNDERSTORM" in msg.body
+    es = Renderer().render(cancel, channel, "es", timezone="America/Chicago")
+    assert es.body.startswith("CANCELADA: ") and "Esta alerta ha sido cancelada." in es.body
+
+
+# -- WEA texts ------------------------------------------------------------------------------
+
+
+def test_wea_prefers_the_senders_cmam_texts(data_dir: Path) -> None:
+    alert = load_cap(data_dir / "cap" / MICHIGAN)
+    renderer = Renderer()
+    short = renderer.render(alert, "wea90", "en").body
+    long = renderer.render(alert, "wea360", "en").body
+    assert short == (
+        "Stay Home order extended to 5/15. Some restrictions lifted. www.michigan.gov/coronvirus"
+    )
+    assert long.startswith("From the Governor's Office: The State of Michigan has extended")
+    assert long.endswith("For additional guidance, see www.michigan.gov/coronavirus")
+    assert len(short) <= WEA_SHORT_MAX and len(long) <= WEA_LONG_MAX
+    # A TEST keeps its label even in the sender's own text.
+    test = with_status(alert, "Test")
+    assert Renderer().render(test, "wea90", "en").body.startswith("TEST: Stay Home order")
+
+
+def test_an_overlong_cmam_text_is_still_cut_to_budget() -> None:
+    alert = one_info(
+        event="Flood",
+        parameters=[Geocode("CMAMtext", "Flash flood warning " * 10)],
+    )
+    body = Renderer().render(alert, "wea90", "en").body
+    assert len(body) <= WEA_SHORT_MAX and body.endswith("...")
+
+
+@pytest.mark.parametrize(("channel", "limit"), [("wea90", WEA_SHORT_MAX), ("wea360", WEA_LONG_MAX)])
+def test_composed_wea_text_is_cut_on_a_word_boundary(storm: Alert, channel: str, limit: int) -> None:
+    long_storm = msgspec.structs.replace(
+        storm, infos=[msgspec.structs.replace(storm.infos[0], instruction=long_instruction(200))]
+    )
+    for language in ("en", "es", "fr"):
+        body = Renderer().render(long_storm, channel, language, timezone="UTC").body
+        assert limit - 15 <= len(body) <= limit
+        assert body.endswith("...") and body[:-3].split()[-1] in WORDS
+        assert "\n" not in body
+
+
+# -- budgets --------------------------------------------------------------------------------
+
+
+def test_a_long_description_is_cut_everywhere_but_the_email_body(storm: Alert) -> None:
+    huge = msgspec.structs.replace(
+        storm.infos[0],
+        headline="SEVERE THUNDERSTORM WARNING " * 30,
+        description="HAIL AND DAMAGING WINDS. " * 2000,
+        instruction=long_instruction(2000),
+        areas=storm.infos[0].areas * 50,
+    )
+    alert = msgspec.structs.replace(storm, infos=[huge])
+    renderer = Renderer()
+    for language in ("en", "es", "fr"):
+        push = renderer.render(alert, "push", language, place="Home", timezone="UTC")
+        assert len(push.subject) <= PUSH_TITLE_MAX and len(push.body) <= PUSH_BODY_MAX
+        sms = renderer.render(alert, "sms", language, place="Home", timezone="UTC")
+        assert sms_segments(sms.body) <= 3
+        email = renderer.render(alert, "email", language, place="Home", timezone="UTC")
+        assert len(email.subject) <= SUBJECT_MAX and "\n" not in email.subject
+        for kind, limit in (("wea90", WEA_SHORT_MAX), ("wea360", WEA_LONG_MAX)):
+            assert len(renderer.render(alert, kind, language).body) <= limit
+
+
+@pytest.mark.parametrize("segments", [1, 2, 5])
+def test_configured_sms_segment_maximum(segments: int) -> None:
+    renderer = Renderer(budgets=Budgets(sms_segments=segments))
+    gsm = renderer.render(one_info(event="Flood", instruction=long_instruction()), "sms", "en")
+    assert is_gsm7(gsm.body) and sms_segments(gsm.body) == segments
+    assert len(gsm.body) > (160 if segments == 1 else 153 * segments) - 15
+    ucs2 = renderer.render(
+        one_info(language="es", event="Inundación", instruction="diríjase a terreno más alto " * 80),
+        "sms",
+        "es",
+    )
+    assert not is_gsm7(ucs2.body) and sms_segments(ucs2.body) == segments
+    assert len(ucs2.body) > (70 if segments == 1 else 67 * segments) - 12
+
+
+def test_push_title_budget() -> None:
+    alert = one_info(event="Extremely dangerous and life threatening flash flood emergency " * 3)
+    title = Renderer().render(alert, "push", "en").subject
+    assert len(title) <= PUSH_TITLE_MAX and title.endswith("…")
+    assert len(Renderer(budgets=Budgets(push_title=40)).render(alert, "push", "en").subject) <= 40
+
+
+def test_nonsense_budgets_are_refused() -> None:
+    with pytest.raises(ValueError, match="sms_segments"):
+        Budgets(sms_segments=0)
+    with pytest.raises(ValueError, match="push_title"):
+        Budgets(push_title=5)
+
+
+# -- email HTML -----------------------------------------------------------------------------
+
+
+def test_email_html_part_escapes_cap_text() -> None:
+    alert = one_info(
+        language="fr-CA",
+        event="Feu",
+        headline="<script>alert(1)</script>",
+        instruction="Partez <maintenant> & emmenez vos animaux",
+        description="Premier paragraphe.\n\n  Second\n  paragraphe.",
+        web="https://example.org/a?b=1&c=2",
+    )
+    html = Renderer().render(alert, "email", "fr").html
+    assert html.startswith("<!DOCTYPE html>") and '<html lang="fr-CA">' in html
+    assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "Partez &lt;maintenant&gt; &amp; emmenez vos animaux" in html
+    assert "<p>Premier paragraphe.</p>" in html and "<p>Second paragraphe.</p>" in html
+    assert '<a href="https://example.org/a?b=1&amp;c=2">' in html
+    assert Renderer().render(alert, "push", "fr").html == ""
 
 
 def test_unknown_channel_is_rejected(amber: Alert) -> None:
@@ -340,3 +529,45 @@ def test_custom_template_dir(tmp_path: Path, amber: Alert) -> None:
     msg = Renderer(tmp_path).render(with_status(amber, "Test"), "push", "es")
     assert msg.subject == "TEST: custom"
     assert msg.body == "TEST: Abducción de Niño / condado de Los Ángeles"
+
+
+# -- golden files ---------------------------------------------------------------------------
+
+# Two real CAP messages (an English-only NWS warning with an expiry; the bilingual AMBER
+# alert) and, per reader language, a time zone and a place name.
+GOLDEN_CAPS = {"nws-storm": STORM, "amber": AMBER}
+READERS = {
+    "en": ("America/Chicago", "Home"),
+    "es": ("America/Los_Angeles", "Casa"),
+    "fr": ("America/Toronto", "Chalet"),
+}
+GOLDEN_FILES = {
+    "push": ("push.txt", "Title: {subject}\n\n{body}\n"),
+    "sms": ("sms.txt", "{body}\n"),
+    "email": ("email.txt", "Subject: {subject}\n\n{body}\n"),
+    "wea90": ("wea90.txt", "{body}\n"),
+    "wea360": ("wea360.txt", "{body}\n"),
+}
+
+
+def _check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("TOCSIN_UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        return
+    assert path.is_file(), f"{path} missing: run with TOCSIN_UPDATE_GOLDEN=1 and review it"
+    assert text == path.read_text(encoding="utf-8"), f"{name} differs from its golden file"
+
+
+@pytest.mark.parametrize("language", sorted(READERS))
+@pytest.mark.parametrize("cap", sorted(GOLDEN_CAPS))
+@pytest.mark.parametrize("kind", KINDS)
+def test_golden(data_dir: Path, cap: str, language: str, kind: str) -> None:
+    alert = load_cap(data_dir / "cap" / GOLDEN_CAPS[cap])
+    timezone, place = READERS[language]
+    msg = Renderer().render(alert, kind, language, timezone=timezone, place=place)
+    suffix, layout = GOLDEN_FILES[kind]
+    _check_golden(f"{cap}.{language}.{suffix}", layout.format(subject=msg.subject, body=msg.body))
+    if kind == "email":
+        _check_golden(f"{cap}.{language}.email.html", msg.html)
