@@ -65,6 +65,10 @@ class Faults:
     first_attempt_only: bool = False  # only an address's first request may fail
     latency_s: float = 0.0
     down: bool = False  # close every connection without answering
+    # Hang: hold every request unanswered while set (the caller times out); when it is
+    # cleared, the held requests are dropped unrecorded, as a provider that hung
+    # never accepted them.
+    hang: bool = False
     seed: int = 0
 
     def update(self, values: dict[str, Any]) -> None:
@@ -119,6 +123,10 @@ class StandIn:
         f = self.faults
         if f.latency_s:
             await asyncio.sleep(f.latency_s)
+        if f.hang:
+            while self.faults.hang:
+                await asyncio.sleep(0.05)
+            return "close"
         if f.down:
             return "close"
         if not (f.share_close or f.share_503 or f.share_429):
@@ -197,7 +205,10 @@ class StandIn:
             return web.json_response(self.stats(request.query.get("alert_key")))
 
         async def received(request: web.Request) -> web.Response:
-            rows = [[r.address, r.alert_key, r.at] for r in self.received]
+            rows: list[list[Any]] = [[r.address, r.alert_key, r.at] for r in self.received]
+            if request.query.get("body"):  # append each kept body (see keep_bodies)
+                for row, r in zip(rows, self.received, strict=True):
+                    row.append(r.body)
             return web.json_response(rows)
 
         async def faults(request: web.Request) -> web.Response:
@@ -346,9 +357,10 @@ class StandInProcess:
         """The stand-in's counters (see :meth:`StandIn.stats`)."""
         return self._call("stats" + (f"?alert_key={alert_key}" if alert_key else ""))
 
-    def received(self) -> list[list[Any]]:
-        """Every accepted ``[address, alert_key, at]``."""
-        return self._call("received")
+    def received(self, bodies: bool = False) -> list[list[Any]]:
+        """Every accepted ``[address, alert_key, at]`` (``+ [body]`` with ``bodies``;
+        the stand-in must have been started with ``--keep-bodies``)."""
+        return self._call("received" + ("?body=1" if bodies else ""))
 
     def set_faults(self, **values: Any) -> dict[str, Any]:
         """Change fault injection."""
