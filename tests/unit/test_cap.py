@@ -313,6 +313,11 @@ def test_wrong_namespace_is_named() -> None:
     ("38.47,-120.14, 38.34,-119.95 38.52,-119.74 38.47,-120.14", "'lat,lon' pair"),
     ("38.47,-120.14 abc,-119.95 38.52,-119.74 38.47,-120.14", "'abc,-119.95' is not numeric"),
     ("3_8.47,-120.14 38.34,-119.95 38.52,-119.74 3_8.47,-120.14", "not numeric"),
+    # A pair missing one side used to shift every later lat/lon (or crash with ValueError).
+    ("38.47,-120.14 38.34,-119.95 38.52, -119.74,1 38.47,-120.14", "'38.52,' is not numeric"),
+    ("1,2 3,4 5,6 7,8 9, 2,1", "'9,' is not numeric"),
+    ("38.47,-120.14 38.34,-119.95 38.52,-119.74 38.47,-120.14 ,", "',' is not numeric"),
+    ("38.47,-120.14 38.34,-119.95 38.52,-119.74 38.47,+120.14", "not closed"),
 ])
 def test_bad_polygons(polygon: str, match: str) -> None:
     with pytest.raises(CapError, match=match) as exc:
@@ -406,6 +411,27 @@ def test_polygon_round_trip(points: list[tuple[float, float]], sep: str) -> None
     text = sep.join(f"{lat!r},{lon!r}" for lat, lon in ring)
     [a] = parse_cap(cap((POLYGON, text)))
     assert a.infos[0].areas[0].polygons == [[(lon, lat) for lat, lon in ring]]
+
+
+@pytest.mark.parametrize("sep", [" ", "\n"])
+def test_a_large_ring_parses_exactly_and_leaves_the_garbage_collector_on(sep: str) -> None:
+    # 5,000 vertices: the fast path (single spaces) and the general one give the values
+    # float() gives, and the collector paused around big rings is switched back on.
+    import gc
+    import math
+
+    ring = [(round(30 + 5 * math.sin(k / 800), 6), round(-100 + 5 * math.cos(k / 800), 6))
+            for k in range(4_999)]
+    ring.append(ring[0])
+    text = sep.join(f"{lat},{lon}" for lat, lon in ring)
+    [a] = parse_cap(cap((POLYGON, text)))
+    assert a.infos[0].areas[0].polygons == [[(float(f"{lon}"), float(f"{lat}"))
+                                             for lat, lon in ring]]
+    assert gc.isenabled()
+    bad = text.replace(f"{ring[2500][0]},", "91.5,", 1)
+    with pytest.raises(CapError, match=r"latitude 91\.5 is not in"):
+        parse_cap(cap((POLYGON, bad)))
+    assert gc.isenabled()
 
 
 def test_cap_module_does_not_import_faust() -> None:
