@@ -33,8 +33,9 @@ jurisdiction (:class:`geofencing.geodesy.LocalFrame`), so metres mean metres any
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,8 +47,10 @@ from shapely.geometry.base import BaseGeometry
 
 from geofencing.areas import GeocodeLookup
 from geofencing.geodesy import LocalFrame, polygonal
+from streams.lifecycle import expired, parse_references, thread_of
 from streams.records import Alert
 from streams.signature import SignatureError, load_certificate, verify_signature
+from streams.state import AlertStore
 
 Policy = Literal["open", "strict"]
 IPAWS_CODE = "IPAWSv1.0"
@@ -289,7 +292,7 @@ def ipaws_problems(alert: Alert) -> list[str]:
 
     ``<code>IPAWSv1.0</code>``; every ``<info>`` has ``<expires>`` and exactly one SAME
     ``<eventCode>``. (Whether ``references`` name every related unexpired message
-    needs the alert registry; the pipeline checks that.)
+    needs the alert registry: :func:`check_ipaws_thread`, run by the pipeline.)
     """
     problems = []
     if IPAWS_CODE not in alert.codes:
@@ -301,3 +304,44 @@ def ipaws_problems(alert: Alert) -> list[str]:
         if len(same) != 1:
             problems.append(f"info {n} has {len(same)} SAME event codes, exactly one required")
     return problems
+
+
+def _sent_ts(message: Alert) -> float:
+    return datetime.fromisoformat(message.sent).timestamp()  # validated by the parser
+
+
+def missing_from_thread(alert: Alert, thread: Mapping[str, Alert], now: float) -> list[Alert]:
+    """Messages of ``alert``'s thread that its ``references`` should name but do not.
+
+    ``thread`` is the other registered messages of the thread, by key (see
+    :func:`streams.lifecycle.thread_of`). Those still unexpired at ``now`` and sent no
+    later than ``alert`` (a sender cannot name what it had not sent yet) must be
+    referenced; they are returned oldest first. References match on sender+identifier.
+    """
+    named = {ref.key for ref in parse_references(alert)}
+    sent = _sent_ts(alert)
+    missing = [m for key, m in thread.items()
+               if key not in named and not expired(m, now) and _sent_ts(m) <= sent]
+    return sorted(missing, key=lambda m: (_sent_ts(m), m.identifier))
+
+
+async def check_ipaws_thread(alert: Alert, registry: SenderRegistry, store: AlertStore,
+                             now: float) -> tuple[str, str]:
+    """IPAWS profile: an Update or Cancel references every unexpired message of its thread.
+
+    Applies to senders registered with ``ipaws_profile``. Returns ``("ipaws_profile",
+    detail)`` naming each missing message as a ``sender,identifier,sent`` triple, or
+    ``("", "")``. A message already registered is left to the registry (a republished
+    message is a duplicate, whatever was added to its thread since).
+    """
+    sender = registry.get(alert.sender)
+    if sender is None or not sender.ipaws_profile or alert.msg_type not in ("Update", "Cancel"):
+        return "", ""
+    if await store.get(alert.key) is not None:
+        return "", ""
+    missing = missing_from_thread(alert, await thread_of(alert, store), now)
+    if not missing:
+        return "", ""
+    triples = " ".join(f"{m.sender},{m.identifier},{m.sent}" for m in missing)
+    return "ipaws_profile", (f"{alert.msg_type} {alert.identifier!r} must reference every "
+                             f"unexpired message of its thread; missing {len(missing)}: {triples}")

@@ -9,15 +9,27 @@ The registry is the Redis ``AlertStore`` rather than a faust table: a faust tabl
 recovers only up to the partition's reported high watermark, which the in-memory test
 broker under-reports (see ``streams.shards``), and a registry that forgets an alert
 would turn a legitimate Cancel into an "unknown reference".
+
+A *thread* is every message linked to another by ``references``, transitively and in
+either direction (an Alert, the Updates naming it, the Updates naming those...). The
+stored alerts give the backward links; ``tocsin:referenced-by:<key>`` (a Redis set of
+the keys of the messages that reference ``<key>``, written by :func:`record_references`
+when a message is registered) gives the forward ones. The IPAWS profile needs the whole
+thread (see ``streams.authority.check_ipaws_thread``).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
 
 from streams.records import Alert, alert_key
 from streams.state import AlertStore
+
+REFERENCED_BY = "tocsin:referenced-by:"
+# A thread is a handful of messages; the bound keeps a hostile or looping chain cheap.
+MAX_THREAD = 200
 
 
 @dataclass(frozen=True)
@@ -79,3 +91,40 @@ async def check_references(alert: Alert, store: AlertStore, now: float) -> tuple
                 "which has already expired"
             )
     return "", ""
+
+
+async def record_references(alert: Alert, store: AlertStore) -> None:
+    """Index a newly registered message under every message it references (forward links)."""
+    refs = parse_references(alert)
+    if not refs:
+        return
+    async with store.redis.pipeline(transaction=False) as pipe:
+        for ref in refs:
+            pipe.sadd(REFERENCED_BY + ref.key, alert.key)
+            pipe.expire(REFERENCED_BY + ref.key, store.ttl_s)
+        await pipe.execute()
+
+
+async def thread_of(alert: Alert, store: AlertStore) -> dict[str, Alert]:
+    """The registered messages of ``alert``'s thread, by key, ``alert`` itself excluded.
+
+    Breadth-first from what ``alert`` references, following references backwards (the
+    stored messages) and forwards (:data:`REFERENCED_BY`); at most :data:`MAX_THREAD`
+    messages. Unknown references are skipped (:func:`check_references` reports them).
+    """
+    found: dict[str, Alert] = {}
+    seen = {alert.key}
+    queue = deque(ref.key for ref in parse_references(alert))
+    while queue and len(found) < MAX_THREAD:
+        key = queue.popleft()
+        if key in seen:
+            continue
+        seen.add(key)
+        message = await store.get(key)
+        if message is None:
+            continue
+        found[key] = message
+        queue.extend(ref.key for ref in parse_references(message))
+        queue.extend(k.decode() if isinstance(k, bytes) else str(k)
+                     for k in await store.redis.smembers(REFERENCED_BY + key))
+    return found

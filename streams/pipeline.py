@@ -18,10 +18,10 @@ import msgspec
 
 from geofencing.areas import geometry_to_wkb, resolve_alert_geometry, wkb_to_geometry
 from geofencing.gazetteer import Gazetteer
-from streams.authority import SenderRegistry, authorise
+from streams.authority import SenderRegistry, authorise, check_ipaws_thread
 from streams.cap import CapError, CapLimits, parse_cap
 from streams.hazard_json import parse_hazard_json
-from streams.lifecycle import check_references, expired, parse_references
+from streams.lifecycle import check_references, expired, parse_references, record_references
 from streams.records import (
     CHANNELS,
     Alert,
@@ -131,6 +131,8 @@ class Ingestor:
                 reason, detail = self._authorise(alert, payload)
             if not reason:
                 reason, detail = await check_references(alert, self.store, now)
+            if not reason:
+                reason, detail = await check_ipaws_thread(alert, self.senders, self.store, now)
             if not reason and alert.msg_type == "Cancel" and not alert.infos:
                 await self._borrow_infos(alert)
             if reason:
@@ -143,6 +145,7 @@ class Ingestor:
                 detail = f"identifier {alert.identifier!r} of {alert.sender!r} reused with new sent"
                 outcome.dead.append(self._dead("identifier_reused", payload, ctype, source, detail))
             else:
+                await record_references(alert, self.store)  # the thread's forward links
                 if alert.msg_type == "Cancel":
                     refs = [ref.key for ref in parse_references(alert)]
                     await self.store.mark_cancelled(refs, alert.key)

@@ -18,9 +18,10 @@ from streams.authority import (
     SenderRegistry,
     authorise,
     ipaws_problems,
+    missing_from_thread,
 )
 from streams.cap import parse_cap
-from streams.records import Alert
+from streams.records import Alert, Info
 from tests.unit.test_signature import make_identity, sign
 
 REPO = Path(__file__).resolve().parents[2]
@@ -135,6 +136,38 @@ def test_ipaws_profile(gaz: Gazetteer) -> None:
                                      "info 1 has no <expires>"]
     registry = SenderRegistry([Sender(tsunami.sender, ipaws_profile=True)])
     assert reasons(authorise(tsunami, None, registry)) == ["ipaws_profile"]
+
+
+def message(identifier: str, sent: str, refs: tuple[str, ...] = (),
+            expires: str = "2030-01-01T00:00:00+00:00", msg_type: str = "Update") -> Alert:
+    return Alert(identifier=identifier, sender="ipaws@example.gov", sent=sent, status="Actual",
+                 msg_type=msg_type, scope="Public",
+                 references=[f"ipaws@example.gov,{r},{sent}" for r in refs],
+                 infos=[Info(expires=expires)])
+
+
+def test_ipaws_thread_names_every_unexpired_message_the_references_omit() -> None:
+    # A1 <- U1 <- U2 is the thread; U3 should name A1, U1 and U2. A0 expired long ago,
+    # Z9 was sent after U3 (U3's sender could not have named it).
+    now = 1_800_000_000.0  # 2027-01-15
+    a0 = message("A0", "2027-01-15T06:00:00+00:00", msg_type="Alert",
+                 expires="2027-01-15T07:00:00+00:00")
+    a1 = message("A1", "2027-01-15T07:00:00+00:00", ("A0",), msg_type="Alert",
+                 expires="2027-01-15T10:00:00+00:00")
+    u1 = message("U1", "2027-01-15T07:30:00+00:00", ("A1",), expires="2027-01-15T10:00:00Z")
+    u2 = message("U2", "2027-01-15T08:00:00-00:00", ("A1", "U1"))
+    z9 = message("Z9", "2027-01-15T09:00:00+00:00", ("U2",))
+    thread = {m.key: m for m in (a0, a1, u1, u2, z9)}
+    complete = message("U3", "2027-01-15T08:30:00+00:00", ("A1", "U1", "U2"))
+    assert missing_from_thread(complete, thread, now) == []
+    only_first = message("U3", "2027-01-15T08:30:00+00:00", ("A1",))
+    assert [m.identifier for m in missing_from_thread(only_first, thread, now)] == ["U1", "U2"]
+    only_last = message("U3", "2027-01-15T08:30:00+00:00", ("U2",), msg_type="Cancel")
+    assert [m.identifier for m in missing_from_thread(only_last, thread, now)] == ["A1", "U1"]
+    # Once A1 and U1 have expired, naming the last update is enough.
+    next_day = now + 86400
+    assert missing_from_thread(only_last, thread, next_day) == []
+    assert [m.identifier for m in missing_from_thread(only_first, thread, next_day)] == ["U2"]
 
 
 def test_cancel_without_area_skips_the_jurisdiction_test(registry: SenderRegistry,
