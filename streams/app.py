@@ -18,10 +18,14 @@ import asyncio
 import logging
 import time
 import traceback
-from typing import Any
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any, TypeVar
 
 import faust
 import msgspec
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from channels.sender import send_batch
 from ops.logging import bind, log_context
@@ -64,6 +68,29 @@ _receipt = decoder(Receipt)
 # How long a match request waits for its shard to finish reading the subscriptions
 # topic after a (re)assignment before answering with what it has.
 SHARD_CATCH_UP_S = 60.0
+
+_T = TypeVar("_T")
+_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+
+
+async def _redis_patient(what: str, step: Callable[[], Awaitable[_T]]) -> _T:
+    """Run one record's Redis-backed step, waiting out a Redis outage instead of failing.
+
+    The Redis client already retries a command for ~20 s (``streams.runtime``); past
+    that, failing the step would lose the record: an agent that raises has its
+    in-flight record acked by faust on the way out, and a batch settled as ``failed``
+    is never sent. Nothing can be done safely without Redis, so the record waits and
+    the consumer catches up once Redis is back.
+    """
+    delay = 0.5
+    while True:
+        try:
+            return await step()
+        except _REDIS_DOWN as exc:
+            log.warning("%s: Redis unavailable (%s), retrying in %.1fs",
+                        what, type(exc).__name__, delay)  # fmt: skip
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 def _headers(event: Any) -> dict[str, bytes]:
@@ -142,7 +169,9 @@ def build_app(settings: Settings) -> faust.App:
             bind("ingest")
             payload = event.value or b""
             try:
-                outcome = await r.ingestor.ingest(payload, _headers(event))
+                outcome = await _redis_patient(
+                    "ingest", partial(r.ingestor.ingest, payload, _headers(event))
+                )
             except Exception as exc:  # a bug must not stop ingest for everyone else
                 log.exception("ingest failed on a record")
                 await dead("ingest", "internal_error", payload, f"{exc!r}")
@@ -176,9 +205,14 @@ def build_app(settings: Settings) -> faust.App:
                 )
             if alert.msg_type == "Cancel":
                 r = await rt()
-                for batch in await cancel_followups(
-                    alert, r.store, batch_size=settings.delivery_batch_size
-                ):
+                followups = await _redis_patient(
+                    "scatter",
+                    partial(
+                        cancel_followups, alert, r.store,
+                        batch_size=settings.delivery_batch_size,
+                    ),
+                )  # fmt: skip
+                for batch in followups:
                     await deliver(batch)
 
     @app.agent(match_requests)
@@ -215,7 +249,10 @@ def build_app(settings: Settings) -> faust.App:
             for channel, count in counts.items():
                 MATCHED.labels(channel).inc(count)
             log.info("alert %s: shard %s matched %d subscribers", request.alert_key, partition, n)
-            await r.store.add_matched(request.alert_key, counts, n, partition=partition)
+            await _redis_patient(
+                "match",
+                partial(r.store.add_matched, request.alert_key, counts, n, partition=partition),
+            )
             for batch in batches:
                 await deliver(batch)
 
@@ -230,7 +267,7 @@ def build_app(settings: Settings) -> faust.App:
                 continue
             bind("send", batch.alert_key)
             picked_at = time.time()
-            receipt, followup = await _send_one(r, batch)
+            receipt, followup = await _redis_patient("send", partial(_send_one, r, batch))
             # When the sender took the batch: fan-out queueing vs send time (latency.py).
             started = {T.H_SEND_STARTED_AT: repr(picked_at).encode()}
             await receipts.send(
@@ -255,7 +292,7 @@ def build_app(settings: Settings) -> faust.App:
                 continue
             bind("receipts", receipt.alert_key)
             count_receipt(receipt.channel, [x.status for x in receipt.results])
-            await r.store.apply_receipt(receipt)
+            await _redis_patient("receipts", partial(r.store.apply_receipt, receipt))
 
     @app.on_before_shutdown.connect
     async def close_runtime(sender: Any, /, *args: Any, signal: Any, **_: Any) -> None:
@@ -321,6 +358,8 @@ async def _send_one(r: Runtime, batch: DeliveryBatch) -> tuple[Receipt, Delivery
             batch, alert, contacts=r.contacts, guard=r.guard,
             providers=r.providers[batch.channel], renderer=r.renderer,
         )  # fmt: skip
+    except _REDIS_DOWN:
+        raise  # not the batch's fault: the caller waits for Redis and tries again
     except Exception:
         log.exception("send failed for alert %s", batch.alert_key)
         reason = "internal error: " + traceback.format_exc(limit=1).splitlines()[-1]

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from aiohttp import web
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 
 from channels import registry
 from channels.base import Provider
@@ -42,6 +44,18 @@ def build_providers(
     return registry.build_providers(settings, channel, redis)
 
 
+def redis_retry() -> Retry:
+    """Reconnect and retry a command for about half a minute when Redis goes away.
+
+    redis-py's default gives up after ~1 s, which a Redis restart (AOF reload) outlasts:
+    a mark-sent or receipt then failed and its batch was settled as failed. Every
+    command the pipeline sends is safe to repeat (Lua claims/marks keyed by token,
+    HSETNX-guarded counters, per-partition match answers, plain reads). Longer outages
+    surface as errors that the agents retry per record (see ``streams.app``).
+    """
+    return Retry(ExponentialWithJitterBackoff(base=0.1, cap=2.0), retries=25)
+
+
 @dataclass
 class Runtime:
     """Everything the agents share inside one worker process."""
@@ -62,7 +76,7 @@ class Runtime:
     @classmethod
     async def create(cls, settings: Settings) -> Runtime:
         """Connect to Redis, load the gazetteer, start the subscription reader."""
-        client = aioredis.Redis.from_url(settings.redis_url)
+        client = aioredis.Redis.from_url(settings.redis_url, retry=redis_retry())
         store = AlertStore(client)
         gazetteer = standard_gazetteer(settings.data_dir)
         senders = (

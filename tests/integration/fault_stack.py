@@ -257,7 +257,9 @@ class FaultStack:
         """Messages one storm variant owes the citizens."""
         return sum(len(v) for v in self.citizens.expected.values())
 
-    async def wait_received(self, key: str, tag: str, timeout: float, worker: RunningWorker) -> None:
+    async def wait_received(
+        self, key: str, tag: str, timeout: float, worker: RunningWorker
+    ) -> None:
         """Wait until every citizen has the alert on each of their channels."""
 
         async def everyone() -> bool:
