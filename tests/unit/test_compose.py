@@ -80,3 +80,42 @@ def test_plain_packages_never_import_faust() -> None:
             if "import faust" in path.read_text() or "from faust" in path.read_text():
                 offenders.append(str(path.relative_to(REPO)))
     assert not offenders, f"geofencing/, channels/, templates/ must not import faust: {offenders}"
+
+
+def _mounts(service: str) -> dict[str, str]:
+    """Container path -> repo path of a service's bind mounts (each read-only, each real)."""
+    mounts = {}
+    for volume in _compose()["services"][service]["volumes"]:
+        source, target, *mode = volume.split(":")
+        if source.startswith("./"):
+            assert mode == ["ro"], f"{service}: {volume} must be mounted read-only"
+            assert (REPO / source).exists(), f"{service}: {source} does not exist"
+            mounts[target] = source
+    return mounts
+
+
+def test_prometheus_gets_its_config_and_alert_rules_read_only() -> None:
+    prometheus = _compose()["services"]["prometheus"]
+    mounts = _mounts("prometheus")
+    config_path = next(
+        a.split("=", 1)[1] for a in prometheus["command"] if a.startswith("--config.file=")
+    )
+    assert mounts[config_path] == "./ops/prometheus/prometheus.yml"
+    config = yaml.safe_load((REPO / mounts[config_path]).read_text())
+    for rule_file in config["rule_files"]:
+        inside = str(Path(config_path).parent / rule_file)
+        assert mounts.get(inside) == "./ops/prometheus/alerts.yml", f"{inside} is not mounted"
+    assert "worker" in prometheus["depends_on"]
+
+
+def test_grafana_provisions_the_prometheus_datasource_and_the_tocsin_dashboard() -> None:
+    grafana = _compose()["services"]["grafana"]
+    mounts = _mounts("grafana")
+    provisioning = REPO / mounts["/etc/grafana/provisioning"]
+    providers = yaml.safe_load((provisioning / "dashboards/tocsin.yml").read_text())["providers"]
+    folder = providers[0]["options"]["path"]
+    assert mounts[f"{folder}/tocsin.json"] == "./ops/grafana/tocsin.json"
+    datasource = yaml.safe_load((provisioning / "datasources/prometheus.yml").read_text())
+    url = datasource["datasources"][0]["url"]
+    assert url == "http://prometheus:9090" and "prometheus" in grafana["depends_on"]
+    assert "prometheus" in _compose()["services"]
