@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ops.api import admin, alerts, audit, citizens, ingest, preview, progress, public, webhooks
+from ops.api import console as web_console
 from ops.api.context import ApiContext
 from ops.api.otp import OtpNotifier
 from ops.settings import Settings
@@ -125,6 +126,7 @@ def create_app(settings: Settings, *, context: ApiContext | None = None,
     app.add_exception_handler(RequestValidationError, _validation_error)
     for module in (admin, preview, alerts, progress, audit, ingest, citizens, webhooks, public):
         app.include_router(module.router)
+    web_console.install(app)  # the manager's console at /console/ and its base layer
 
     @app.get("/health", tags=["ops"])
     async def health(request: Request) -> dict[str, Any]:
