@@ -96,7 +96,9 @@ from tests.standins import StandInProcess  # noqa: E402
 
 def _sibling(name: str) -> Any:
     """Import another benchmark script as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"tocsin_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(
+        f"tocsin_bench_{name}", ROOT / "benchmarks" / f"{name}.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
@@ -127,7 +129,9 @@ def alert_areas(gaz: Gazetteer, k: int, rng: np.random.Generator) -> list[tuple[
     pool = []
     for code in gaz:
         conus_county = code.startswith("FIPS:") and code[5:7] in matchbench.CONUS
-        conus_zone = code.startswith("UGC:") and code[4:6] in matchbench.CONUS_USPS and code[6] == "Z"
+        conus_zone = (
+            code.startswith("UGC:") and code[4:6] in matchbench.CONUS_USPS and code[6] == "Z"
+        )
         if conus_county or conus_zone:
             pool.append(code)
     pool.sort()
@@ -154,10 +158,15 @@ def make_subscriptions(
     lo, hi = reach
     targeted = np.exp(rng.uniform(np.log(lo), np.log(hi), len(areas))).astype(int)
     targeted = np.minimum(targeted, max(0, n // (2 * max(1, len(areas)))))  # small --subscriptions
-    xy = [matchbench.points_in(area, int(t), rng) for (_, area), t in zip(areas, targeted, strict=True)]
+    xy = [
+        matchbench.points_in(area, int(t), rng)
+        for (_, area), t in zip(areas, targeted, strict=True)
+    ]
     near = np.vstack(xy) if xy else np.empty((0, 2))
     rest = n - len(near)
-    conus = shapely.union_all([matchbench._get(gaz, f"SAME:0{s}000") for s in sorted(matchbench.CONUS)])
+    conus = shapely.union_all(
+        [matchbench._get(gaz, f"SAME:0{s}000") for s in sorted(matchbench.CONUS)]
+    )
     codes = sorted(c for c in gaz if (c.startswith("FIPS:") and c[5:7] in matchbench.CONUS))
     mix = matchbench.make_workload("conus", "", gaz, conus, codes, [], rest, rng).subs
     radius = np.where(rng.random(len(near)) < 0.2, 0.0, rng.uniform(0.0, 5_000.0, len(near)))
@@ -390,7 +399,7 @@ async def run(args: argparse.Namespace, settings: Settings, workdir: Path,
     subs = make_subscriptions(args.subscriptions, areas, (args.reach_min, args.reach_max), gaz, rng)
     out: dict[str, Any] = {"generate_s": round(time.perf_counter() - t, 1)}
     print(f"generated {len(subs):,} subscriptions in {out['generate_s']} s; "
-          f"{len(areas)} alert areas", flush=True)  # fmt: skip
+        f"{len(areas)} alert areas", flush=True)  # fmt: skip
     await T.ensure_topics(settings.kafka_bootstrap_servers, partitions=settings.partitions)
     t = time.perf_counter()
     await asyncio.gather(
@@ -423,8 +432,11 @@ async def run(args: argparse.Namespace, settings: Settings, workdir: Path,
         out["catch_up_ready_s"] = round(time.perf_counter() - t, 1)
         if left:
             raise RuntimeError(f"warm-up alerts not delivered: {left}")
-        print(f"worker read {args.subscriptions:,} subscriptions in {out['catch_up_read_s']} s, "
-              f"first alert delivered {out['catch_up_ready_s']} s after start", flush=True)
+        print(
+            f"worker read {args.subscriptions:,} subscriptions in {out['catch_up_read_s']} s, "
+            f"first alert delivered {out['catch_up_ready_s']} s after start",
+            flush=True,
+        )
         fcm.reset()
         load0 = os.getloadavg()[0]
         count = max(1, int(args.rate * args.duration))
@@ -468,10 +480,12 @@ async def matched_counts(settings: Settings, keys: list[str]) -> dict[str, dict[
 def report(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
     ms: dict[str, dict[str, float]] = out.pop("ms")
     reach = out.pop("reach")
-    print(f"\n{len(ms)} alerts measured; recipients per alert median {int(np.median(reach)):,}, "
-          f"max {max(reach):,}; push lost {out['push_lost']}, duplicates "
-          f"{out['push_duplicates']}; incomplete {out['incomplete']}; load average "
-          f"{out['load_avg_1m'][0]} -> {out['load_avg_1m'][1]} on {os.cpu_count()} cores")  # fmt: skip
+    print(
+        f"\n{len(ms)} alerts measured; recipients per alert median {int(np.median(reach)):,}, "
+        f"max {max(reach):,}; push lost {out['push_lost']}, duplicates "
+        f"{out['push_duplicates']}; incomplete {out['incomplete']}; load average "
+        f"{out['load_avg_1m'][0]} -> {out['load_avg_1m'][1]} on {os.cpu_count()} cores"
+    )  # fmt: skip
     print(f"  {'ms':<14} {'p50':>8} {'p95':>8} {'p99':>8} {'max':>8}")
     summary: dict[str, Any] = {}
     for name in (*MEASURES, *STAGES):
@@ -481,7 +495,7 @@ def report(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
         summary[name] = (round(p50, 1), round(p95, 1), round(p99, 1))
     target = summary["first_request"][2] < 500.0
     print(f"first provider request p99 {summary['first_request'][2]:.0f} ms "
-          f"({'meets' if target else 'MISSES'} the 500 ms target)")  # fmt: skip
+        f"({'meets' if target else 'MISSES'} the 500 ms target)")  # fmt: skip
     return {
         "first_request_p99_ms": summary["first_request"][2],
         "first_request_p95_ms": summary["first_request"][1],
@@ -528,10 +542,14 @@ def main() -> None:
     try:
         services.append(start_broker(workdir / "broker"))
         services.append(start_redis(workdir / "redis"))
-        standins.append(StandInProcess.start("tests.standins.fcm",
-                                             ["--project", PROJECT, "--token", FCM_TOKEN]))
-        standins.append(StandInProcess.start("tests.standins.sms",
-                                             ["--sid", SMS_SID, "--auth-token", SMS_TOKEN]))
+        standins.append(
+            StandInProcess.start("tests.standins.fcm", ["--project", PROJECT, "--token", FCM_TOKEN])
+        )
+        standins.append(
+            StandInProcess.start(
+                "tests.standins.sms", ["--sid", SMS_SID, "--auth-token", SMS_TOKEN]
+            )
+        )
         sink = fanout.SmtpSink(workdir)
         settings = worker_settings(args, workdir, services[0].url, services[1].url,
                                    standins[0].url, standins[1].url, sink.port)  # fmt: skip
