@@ -188,6 +188,9 @@ def test_exactly_the_subscribers_inside_the_area_are_warned_once_per_channel(
             for address in (contact.push_token, contact.phone, contact.email):
                 assert address.encode() not in seen, "a contact detail reached a pipeline topic"
                 assert address.encode() not in log, "a contact detail reached the worker log"
+        # One JSON object per line, the alert id on every stage's lines (ops/logging.py).
+        lines = [json.loads(line) for line in log.splitlines() if line.strip()]
+        assert {x["stage"] for x in lines if x["alert_id"] == STORM_KEY} >= {"match", "send"}
 
     asyncio.run(scenario())
     delivered = delivered_pairs(settings.outbox_path)

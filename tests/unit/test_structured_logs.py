@@ -12,11 +12,12 @@ import pytest
 
 from ops.logging import JsonFormatter, RedactingFilter, TextFormatter, bind, log_context, redact
 
+Captured = tuple[logging.Logger, io.StringIO]
 FCM_TOKEN = "dXNlcl9kZXZpY2VfMTIz:APA91bH" + "k3JxQ_v-9ZlmW2pQ7rT" * 7
 
 
 @pytest.fixture
-def captured() -> Iterator[tuple[logging.Logger, io.StringIO]]:
+def captured() -> Iterator[Captured]:
     """A logger writing through the production handler setup into a string."""
     out = io.StringIO()
     handler = logging.StreamHandler(out)
@@ -34,7 +35,7 @@ def lines(out: io.StringIO) -> list[dict]:
     return [json.loads(line) for line in out.getvalue().splitlines()]
 
 
-def test_each_record_is_one_json_object_with_the_bound_alert_and_stage(captured) -> None:
+def test_each_record_is_one_json_object_with_the_bound_alert_and_stage(captured: Captured) -> None:
     logger, out = captured
     with log_context("match", "3f2a9c01d4e5b6a7c8d9"):
         logger.info("shard %d matched %d subscribers", 2, 40, extra={"partition": 2})
@@ -47,7 +48,7 @@ def test_each_record_is_one_json_object_with_the_bound_alert_and_stage(captured)
     assert second["alert_id"] is None and second["stage"] is None
 
 
-def test_contact_details_are_scrubbed_from_message_extras_and_traceback(captured) -> None:
+def test_contact_details_are_scrubbed_from_message_extras_and_traceback(captured: Captured) -> None:
     logger, out = captured
     contacts = ["+15550000001", "+44 20 7946 0958", "(555) 123-4567", "p1@example.org", FCM_TOKEN]
     try:
@@ -72,7 +73,7 @@ def test_redaction_leaves_operational_numbers_and_alert_keys_alone() -> None:
     assert redact(text) == text
 
 
-def test_concurrent_agents_keep_their_own_alert_ids(captured) -> None:
+def test_concurrent_agents_keep_their_own_alert_ids(captured: Captured) -> None:
     """Each faust actor is its own task: one alert's id never leaks into another's lines."""
     logger, out = captured
 
