@@ -7,12 +7,14 @@ id is ever shown (to list or revoke it). Every change is audited.
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from geofencing.areas import geojson_to_geometry
 from ops.api.audit import record
 from ops.api.auth import Principal, require
 from ops.api.context import ApiContext
 from ops.api.identity import Organisation, User
+from ops.api.models import geojson_problem
 
 router = APIRouter(tags=["admin"])
 
@@ -28,6 +30,8 @@ class NewToken(BaseModel):
 
 class TokenRequest(BaseModel):
     """What a token is for (shown in listings)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     label: str = Field(default="", max_length=100)
 
@@ -72,6 +76,12 @@ async def put_org(org_id: str, org: Organisation, request: Request,
     for code in org.jurisdiction.codes:
         if ctx.gazetteer.get(code) is None:
             raise HTTPException(422, f"jurisdiction code {code!r} is unknown (e.g. FIPS:06037)")
+    if org.jurisdiction.geometry is not None:
+        # A broken jurisdiction would only surface later, as every alert being refused.
+        problem = geojson_problem(org.jurisdiction.geometry) or \
+            geojson_to_geometry(org.jurisdiction.geometry)[1]
+        if problem:
+            raise HTTPException(422, f"jurisdiction.geometry: {problem}")
     await ctx.identity.put_org(org)
     await record(request, principal, "admin.org.put", detail=org.id)
     return org

@@ -85,9 +85,36 @@ async def _too_large(send: Send, limit: int) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
+def _body_refusal(request: Request, errors: Any) -> JSONResponse | None:
+    """A clear refusal when the body as a whole is unusable (not JSON, wrong type, none)."""
+    whole = [e for e in errors if tuple(e.get("loc", ()))[:1] == ("body",)
+             and (len(e.get("loc", ())) == 1 or e.get("type") == "json_invalid")]
+    if not whole:
+        return None
+    err = whole[0]
+    if err.get("type") == "missing":
+        return JSONResponse({"detail": "a JSON object body is required (with 'Content-Type: "
+                                       "application/json')"}, status_code=422)
+    ctype = request.headers.get("content-type", "")
+    if "json" not in ctype.split(";")[0].lower():
+        return JSONResponse({"detail": "unsupported content type "
+                             f"{ctype.split(';')[0][:60] or '(none)'!r}: send the body as JSON "
+                             "with 'Content-Type: application/json'"}, status_code=415)
+    if err.get("type") == "json_invalid":
+        loc = err.get("loc", ())
+        where = f" at character {loc[1]}" if len(loc) > 1 else ""
+        why = (err.get("ctx") or {}).get("error", "")
+        return JSONResponse({"detail": f"invalid JSON{where}: {why}".rstrip(": ")},
+                            status_code=422)
+    return JSONResponse({"detail": "the body must be a JSON object"}, status_code=422)
+
+
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
+    refusal = _body_refusal(request, errors)
+    if refusal is not None:
+        return refusal
     parts = []
     for err in errors[:10]:
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")

@@ -16,7 +16,7 @@ from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from ops.api.auth import bearer
 from ops.api.citizen_store import QUIET, CitizenRecord, Place, Preferences, slug, zone_sub_id
@@ -45,8 +45,18 @@ def _check_prefs(prefs: Preferences) -> Preferences:
     return prefs
 
 
+class _PlaceIn(Place):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _PrefsIn(Preferences):
+    model_config = ConfigDict(extra="forbid")  # a misspelt accept_tests must not pass silently
+
+
 class ContactIn(BaseModel):
     """Addresses to (re)register; phone and email are confirmed by a one-time code."""
+
+    model_config = ConfigDict(extra="forbid")
 
     push_token: str | None = Field(default=None, min_length=8, max_length=4096)
     phone: str | None = Field(default=None, pattern=PHONE, description="E.164: +15551234567")
@@ -56,13 +66,15 @@ class ContactIn(BaseModel):
 class RegisterIn(ContactIn):
     """A new citizen: preferences, places and zones, and addresses."""
 
-    prefs: Preferences = Field(default_factory=Preferences)
-    places: list[Place] = Field(default_factory=list, max_length=MAX_PLACES)
+    prefs: _PrefsIn = Field(default_factory=_PrefsIn)
+    places: list[_PlaceIn] = Field(default_factory=list, max_length=MAX_PLACES)
     zones: list[str] = Field(default_factory=list, max_length=MAX_ZONES)
 
 
 class PrefsPatch(BaseModel):
     """Preference changes (absent fields stay as they are)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     language: str | None = Field(default=None, pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
     channels: list[Channel] | None = None
@@ -76,6 +88,8 @@ class PrefsPatch(BaseModel):
 class PlaceIn(BaseModel):
     """A place's location (the name is in the path)."""
 
+    model_config = ConfigDict(extra="forbid")
+
     lon: float = Field(ge=-180, le=180)
     lat: float = Field(ge=-90, le=90)
     radius_m: float = Field(default=0.0, ge=0, le=50_000)
@@ -84,11 +98,15 @@ class PlaceIn(BaseModel):
 class ZonesIn(BaseModel):
     """The full list of zone codes to follow."""
 
+    model_config = ConfigDict(extra="forbid")
+
     zones: list[str] = Field(max_length=MAX_ZONES)
 
 
 class VerifyIn(BaseModel):
     """A one-time code received on a channel."""
+
+    model_config = ConfigDict(extra="forbid")
 
     channel: Literal["sms", "email"]
     code: str = Field(pattern=r"^\s*\d{6}\s*$")

@@ -24,7 +24,7 @@ import time
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Role = Literal["originator", "approver", "admin", "auditor", "agency"]
 ROLES: tuple[Role, ...] = ("originator", "approver", "admin", "auditor", "agency")
@@ -47,12 +47,16 @@ class Jurisdiction(BaseModel):
     Both empty means "anywhere" (an operator organisation, not a local authority).
     """
 
+    model_config = ConfigDict(extra="forbid")
+
     codes: list[str] = Field(default_factory=list, max_length=5000)
     geometry: dict[str, Any] | None = None
 
 
 class Organisation(BaseModel):
     """An alerting authority. ``sender`` is the CAP ``<sender>`` of its alerts."""
+
+    model_config = ConfigDict(extra="forbid")
 
     id: str = Field(pattern=_ID)
     name: str = Field(min_length=1, max_length=200)
@@ -71,6 +75,8 @@ class Organisation(BaseModel):
 
 class User(BaseModel):
     """A person (or an agency's system) acting for one organisation."""
+
+    model_config = ConfigDict(extra="forbid")
 
     id: str = Field(pattern=_ID)
     name: str = Field(min_length=1, max_length=200)

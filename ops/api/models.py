@@ -9,10 +9,18 @@ looks like a test, is exactly the failure this console exists to prevent.
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    computed_field,
+    field_validator,
+    model_validator,
+)
 
 CapStatus = Literal["Actual", "Exercise", "Test"]
 Severity = Literal["Extreme", "Severe", "Moderate", "Minor", "Unknown"]
@@ -31,8 +39,40 @@ BANNERS = {
 }
 
 
+def geojson_problem(data: Any) -> str:
+    """What is structurally wrong with a GeoJSON (Multi)Polygon or Feature, or ''.
+
+    Checked before shapely sees it, so a refusal names the problem in GeoJSON terms.
+    """
+    if isinstance(data, dict) and data.get("type") == "Feature":
+        data = data.get("geometry")
+    if not isinstance(data, dict):
+        return "expected a GeoJSON Polygon or MultiPolygon object (or a Feature with one)"
+    kind = data.get("type")
+    if kind not in ("Polygon", "MultiPolygon"):
+        return f"type must be Polygon or MultiPolygon, not {str(kind)[:30]!r}"
+    coords = data.get("coordinates")
+    if not isinstance(coords, list) or not coords:
+        return f"a {kind} needs coordinates (a list)"
+    polygons = [coords] if kind == "Polygon" else coords
+    for polygon in polygons:
+        if not isinstance(polygon, list) or not polygon:
+            return "a polygon is a non-empty list of rings"
+        for ring in polygon:
+            if not isinstance(ring, list) or len(ring) < 4:
+                return "a ring needs at least 4 [lon, lat] positions (the first repeated last)"
+            for pos in ring:
+                if not (isinstance(pos, list) and 2 <= len(pos) <= 3 and all(
+                        isinstance(v, int | float) and not isinstance(v, bool)
+                        and math.isfinite(v) for v in pos)):
+                    return f"a position is [lon, lat] in finite numbers, not {str(pos)[:40]}"
+    return ""
+
+
 class CircleIn(BaseModel):
     """A circle: centre (WGS84) and radius in kilometres."""
+
+    model_config = ConfigDict(extra="forbid")
 
     lon: float = Field(ge=-180, le=180)
     lat: float = Field(ge=-90, le=90)
@@ -53,6 +93,14 @@ class AreaIn(BaseModel):
         default_factory=list, max_length=500,
         description="gazetteer codes: FIPS:06037, SAME:006037, UGC:CAC037",
     )
+
+    @field_validator("polygon")
+    @classmethod
+    def _geojson(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        problem = geojson_problem(value) if value is not None else ""
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @model_validator(mode="after")
     def _something(self) -> AreaIn:
@@ -174,11 +222,18 @@ class AlertRecord(BaseModel):
 class RejectIn(BaseModel):
     """Why an approver rejects an alert."""
 
+    model_config = ConfigDict(extra="forbid")
+
     reason: str = Field(min_length=3, max_length=1000)
 
 
 class ApproveIn(BaseModel):
-    """Approve, and by default send at once (one click for the second person)."""
+    """Approve, and by default send at once (one click for the second person).
+
+    Unknown fields are refused: a misspelt ``"send": false`` must not send the alert.
+    """
+
+    model_config = ConfigDict(extra="forbid")
 
     send: bool = True
     comment: str = Field(default="", max_length=1000)
@@ -187,11 +242,15 @@ class ApproveIn(BaseModel):
 class CancelIn(BaseModel):
     """A cancellation's text, told to everyone already warned."""
 
+    model_config = ConfigDict(extra="forbid")
+
     reason: str = Field(default="", max_length=1000)
 
 
 class CorrectionIn(BaseModel):
     """The one-step correction: 'the earlier alert was sent in error'."""
+
+    model_config = ConfigDict(extra="forbid")
 
     message: str = Field(
         default="The earlier alert was sent in error. There is no emergency. "
