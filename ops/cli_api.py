@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import typer
 from rich.console import Console
 
@@ -19,6 +17,7 @@ def api(
     import uvicorn
 
     from ops.api import create_app
+    from ops.logging import configure_logging, logging_config
     from ops.settings import get_settings
 
     settings = get_settings()
@@ -29,9 +28,10 @@ def api(
         err.print(f"[red]error:[/] {' and '.join(missing)} not set (or run `tocsin dev` for "
                   "the embedded stack)")
         raise typer.Exit(2)
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
     uvicorn.run(app, host=host or settings.api_host,
                 port=settings.api_port if port is None else port,
-                log_level=settings.log_level.lower(), proxy_headers=False)
+                log_level=settings.log_level.lower(), proxy_headers=False,
+                # uvicorn's loggers too: JSON lines, contact details scrubbed
+                log_config=logging_config(settings.log_level, settings.log_format))

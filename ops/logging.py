@@ -45,14 +45,14 @@ _stage: ContextVar[str | None] = ContextVar("tocsin_stage", default=None)
 
 REDACTED = "<redacted>"
 _PATTERNS = [
-    # email addresses
-    re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"),
+    # email addresses, also URL-encoded (access logs, echoed query strings)
+    re.compile(r"[\w.+%-]+(?:@|%40)[\w-]+(?:\.[\w-]+)+"),
     # FCM registration tokens: "<instance id>:APA91b<base64url>", and any opaque
     # base64url run long enough to be a device token
     re.compile(r"[\w-]{8,}:APA91[\w-]{20,}"),
     re.compile(r"(?<![\w-])[A-Za-z0-9_-]{100,}(?![\w-])"),
-    # E.164 and international numbers: +15551234567, +44 20 7946 0958
-    re.compile(r"(?<![\w+])\+\d(?:[\s().-]?\d){6,16}(?!\w)"),
+    # E.164 and international numbers: +15551234567, +44 20 7946 0958, %2B15551234567
+    re.compile(r"(?<![\w+])(?:\+|%2[Bb])\d(?:[\s().-]?\d){6,16}(?!\w)"),
     # North American formats: (555) 123-4567, 555-123-4567, 555.123.4567
     re.compile(r"(?<![\w.-])(?:\(\d{3}\)\s?|\d{3}[\s.-])\d{3}[\s.-]\d{4}(?![\w.-])"),
 ]
@@ -62,6 +62,7 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message",
     "asctime",
     "taskName",
+    "color_message",  # uvicorn's ANSI-coloured copy of msg
 }
 
 

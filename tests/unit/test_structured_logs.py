@@ -65,6 +65,11 @@ def test_contact_details_are_scrubbed_from_message_extras_and_traceback(captured
     assert "ValueError: provider echoed <redacted> and <redacted>" in record["exc"]
 
 
+def test_url_encoded_contacts_in_access_log_lines_are_scrubbed() -> None:
+    line = "GET /v1/citizens/lookup?phone=%2B15550000001&email=p1%40example.org HTTP/1.1"
+    assert redact(line) == "GET /v1/citizens/lookup?phone=<redacted>&email=<redacted> HTTP/1.1"
+
+
 def test_redaction_leaves_operational_numbers_and_alert_keys_alone() -> None:
     text = (
         "alert 3f2a9c01d4e5b6a7c8d9 offset 1718000000 partition 11 sent 2024-05-01T10:00:00"
