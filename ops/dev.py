@@ -270,6 +270,7 @@ def run_dev(settings: Settings, *, citizens: int, exit_after_replay: bool, conso
         wait_for_api(settings, stack)
         base = f"http://{settings.api_host}:{settings.api_port}"
         console.print(f"API [cyan]{base}[/] (OpenAPI {base}/docs, public page {base}/public)")
+        console.print(f"console [cyan]{base}/console/[/] (sign in with a token below)")
         console.print(f"  demo originator token: {tokens['originator']}")
         console.print(f"  demo approver token:   {tokens['approver']}")
         alerts = asyncio.run(load_demo(settings, citizens, console))

@@ -78,6 +78,9 @@ def test_ctrl_c_stops_the_worker_and_every_service(tmp_path: Path) -> None:
         request = urllib.request.Request(f"{base}/me", headers={"Authorization": f"Bearer {token}"})
         with urllib.request.urlopen(request, timeout=10) as response:
             assert json.load(response)["roles"] == ["originator"]
+        console = re.search(r"console (http://\S+/console/)", text).group(1)  # type: ignore[union-attr]
+        with urllib.request.urlopen(console, timeout=10) as response:
+            assert "Tocsin" in response.read().decode()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0, log.read_text()[-3000:]
     finally:
