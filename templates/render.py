@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import markupsafe
 
 from streams.records import CHANNELS, Alert, Info
 from templates.budgets import (
@@ -95,6 +96,20 @@ def _sentence(text: str) -> str:
     """Jinja filter: end a fragment with a full stop unless it has punctuation."""
     text = text.rstrip()
     return text if not text or text[-1] in ".!?…:" else text + "."
+
+
+_URL_RE = re.compile(r"https?://[^\s<>\"']+[^\s<>\"'.,;:!?)]")
+
+
+def _linkify(text: str) -> markupsafe.Markup:
+    """Jinja filter for HTML: escape ``text`` and link the http(s) URLs in it."""
+    out, last = [], 0
+    for m in _URL_RE.finditer(text):
+        url = markupsafe.escape(m.group(0))
+        out += [markupsafe.escape(text[last : m.start()]), f'<a href="{url}">{url}</a>']
+        last = m.end()
+    out.append(markupsafe.escape(text[last:]))
+    return markupsafe.Markup("".join(out))
 
 
 def _norm_lang(language: str) -> str:
@@ -184,6 +199,7 @@ class Renderer:
             undefined=jinja2.StrictUndefined,  # a typo in a template fails loudly
         )
         self.env.filters["sentence"] = _sentence
+        self.env.filters["linkify"] = _linkify
         self._cache: OrderedDict[tuple[str, ...], RenderedMessage] = OrderedDict()
         self._cache_size = max(1, cache_size)
         self._hits = 0

@@ -395,7 +395,9 @@ def test_an_overlong_cmam_text_is_still_cut_to_budget() -> None:
 
 
 @pytest.mark.parametrize(("channel", "limit"), [("wea90", WEA_SHORT_MAX), ("wea360", WEA_LONG_MAX)])
-def test_composed_wea_text_is_cut_on_a_word_boundary(storm: Alert, channel: str, limit: int) -> None:
+def test_composed_wea_text_is_cut_on_a_word_boundary(
+    storm: Alert, channel: str, limit: int
+) -> None:
     long_storm = msgspec.structs.replace(
         storm, infos=[msgspec.structs.replace(storm.infos[0], instruction=long_instruction(200))]
     )
@@ -437,7 +439,9 @@ def test_configured_sms_segment_maximum(segments: int) -> None:
     assert is_gsm7(gsm.body) and sms_segments(gsm.body) == segments
     assert len(gsm.body) > (160 if segments == 1 else 153 * segments) - 15
     ucs2 = renderer.render(
-        one_info(language="es", event="Inundación", instruction="diríjase a terreno más alto " * 80),
+        one_info(
+            language="es", event="Inundación", instruction="diríjase a terreno más alto " * 80
+        ),
         "sms",
         "es",
     )
@@ -477,6 +481,11 @@ def test_email_html_part_escapes_cap_text() -> None:
     assert "Partez &lt;maintenant&gt; &amp; emmenez vos animaux" in html
     assert "<p>Premier paragraphe.</p>" in html and "<p>Second paragraphe.</p>" in html
     assert '<a href="https://example.org/a?b=1&amp;c=2">' in html
+    linked = one_info(event="Flood", instruction="Leave now. See https://ex.org/f?a=<b>.")
+    assert (
+        'See <a href="https://ex.org/f?a=">https://ex.org/f?a=</a>&lt;b&gt;.'
+        in Renderer().render(linked, "email", "en").html
+    )
     assert Renderer().render(alert, "push", "fr").html == ""
 
 
