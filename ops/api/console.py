@@ -20,10 +20,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyogrio
 import shapely
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import RedirectResponse
-from shapely.geometry import mapping, shape
+from shapely.geometry import shape
 from shapely.geometry.base import BaseGeometry
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
@@ -37,9 +39,10 @@ VENDOR_HINT = "run `make install` (or `npm ci` in ops/console) to vendor the map
 CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
        "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; "
        "form-action 'self'")
-# Simplification tolerance (degrees, ~250 m) and coordinate precision (~10 m): a base
-# layer to orient and pick by, not the geometry alerts are routed with.
+# Simplification tolerance (degrees, ~250 m) and coordinate grid (~10 m): a base layer to
+# orient and pick by, not the geometry alerts are routed with.
 _TOLERANCE = 0.0025
+_GRID = 1e-4
 _DIGITS = 4
 
 # USPS abbreviation by state FIPS, to name counties for people ("Los Angeles, CA").
@@ -72,30 +75,27 @@ class ConsoleFiles(StaticFiles):
         return await super().get_response(path, scope)
 
 
-def _round(coords: Any) -> Any:
-    if isinstance(coords, float):
-        return round(coords, _DIGITS)
-    return [_round(c) for c in coords]
-
-
 @functools.lru_cache(maxsize=4)
-def _county_features(path: Path) -> tuple[tuple[str, str, str, BaseGeometry, str], ...]:
-    """(code, name, state, full geometry, simplified GeoJSON geometry) of every county."""
-    raw = json.loads(path.read_text())
-    out = []
-    for feature in raw["features"]:
-        fips = str(feature.get("id", ""))[-5:].zfill(5)
-        if not fips.isdigit() or feature.get("geometry") is None:
-            continue
-        props = feature.get("properties") or {}
-        geom = shapely.make_valid(shape(feature["geometry"]))
-        simple = geom.simplify(_TOLERANCE, preserve_topology=True)
-        name = f"{props.get('NAME', fips)} {props.get('LSAD', '')}".strip()
-        gj = mapping(simple)
-        geo = json.dumps({"type": gj["type"], "coordinates": _round(gj["coordinates"])},
-                         separators=(",", ":"))
-        out.append((f"FIPS:{fips}", name, _USPS.get(fips[:2], fips[:2]), geom, geo))
-    return tuple(out)
+def _county_features(path: Path, gazetteer: Gazetteer
+                     ) -> tuple[tuple[str, str, str, BaseGeometry, str], ...]:
+    """(code, name, state, geometry, simplified GeoJSON geometry) of every county.
+
+    Geometries are the gazetteer's own (already valid); names come from the county file's
+    properties. Simplification and rounding are vectorised (about 0.5 s for 3,221 counties).
+    """
+    props = pyogrio.read_dataframe(path, read_geometry=False, columns=["id", "NAME", "LSAD"])
+    rows = []
+    for fid, name, lsad in zip(props["id"], props["NAME"], props["LSAD"], strict=True):
+        fips = str(fid)[-5:].zfill(5)
+        geom = gazetteer.get(f"FIPS:{fips}") if fips.isdigit() else None
+        if geom is not None:
+            rows.append((f"FIPS:{fips}", f"{name} {lsad or ''}".strip(), fips, geom))
+    geoms = np.array([r[3] for r in rows], dtype=object)
+    simple = shapely.set_precision(shapely.simplify(geoms, _TOLERANCE, preserve_topology=True),
+                                   _GRID)
+    texts = shapely.to_geojson(simple)
+    return tuple((code, name, _USPS.get(fips[:2], fips[:2]), geom, str(text))
+                 for (code, name, fips, geom), text in zip(rows, texts, strict=True))
 
 
 def jurisdiction_geometry(jurisdiction: Jurisdiction, gazetteer: Gazetteer
@@ -114,7 +114,7 @@ def jurisdiction_geometry(jurisdiction: Jurisdiction, gazetteer: Gazetteer
 def _layer(path: Path, jurisdiction_json: str, gazetteer: Gazetteer) -> bytes:
     """The gzipped FeatureCollection for one jurisdiction (cached: it rarely changes)."""
     jurisdiction = Jurisdiction.model_validate_json(jurisdiction_json)
-    counties = _county_features(path)
+    counties = _county_features(path, gazetteer)
     area = jurisdiction_geometry(jurisdiction, gazetteer)
     inside: set[str] = set()
     if area is not None:

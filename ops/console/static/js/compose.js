@@ -46,6 +46,7 @@ export class Compose {
     this.statusChanged();
     await this.areaMap.start();
     this.areaMap.setMode("pan");
+    if (!this.root.hidden) this.areaMap.shown();
   }
 
   applyTemplate(code) {

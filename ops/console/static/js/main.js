@@ -66,11 +66,8 @@ async function signIn(value) {
   app.history = new History($("#history-view"), openAlert);
   if (app.me.roles.includes("originator")) {
     app.compose = new Compose($("#compose-view"), app.me, openAlert);
-    try {
-      await app.compose.start();
-    } catch (err) {
-      announce(`The compose screen could not load: ${err.message}`, "error");
-    }
+    // The map loads in the background: the queue, history and alert views need not wait.
+    app.compose.start().catch((err) => announce(`The compose screen could not load: ${err.message}`, "error"));
   }
   await route();
 }

@@ -85,8 +85,8 @@ export function announce(text, kind = "info") {
 }
 
 export function areaText(area) {
+  if (area.desc) return area.desc;
   const parts = [];
-  if (area.desc) parts.push(area.desc);
   if (area.codes?.length) parts.push(area.codes.join(", "));
   if (area.polygon) parts.push("drawn polygon");
   if (area.circle) parts.push(`circle ${area.circle.radius_km} km`);
