@@ -274,6 +274,7 @@ def test_cdata_doctype_text_is_not_a_dtd() -> None:
      None, "too_deep"),  # past libxml2's own cap (256)
     (cap(), CapLimits(max_areas=0), "too_many_areas"),
     (cap(), CapLimits(max_vertices=3), "too_many_vertices"),
+    (cap(), CapLimits(max_elements=12), "too_many_elements"),
     (b"not xml at all", None, "xml_syntax"),
     (b"", None, "xml_syntax"),
     (b'<feed xmlns="http://www.w3.org/2005/Atom"/>', None, "not_cap"),
@@ -295,6 +296,17 @@ def test_20000_polygons_refused_by_default_limits() -> None:
     data = cap((f"<polygon>{POLYGON}</polygon>", area))
     assert len(data) < CapLimits().max_bytes
     assert reason(data) == "too_many_polygons"
+
+
+def test_element_floods_are_refused_before_they_are_walked() -> None:
+    # 4 MB of tiny elements (unknown ones, or valid circles) cost ~1-3 us of Python each;
+    # the element budget refuses them after a C-level count.
+    circle = "<circle>38.47,-120.14 10</circle>"
+    for flood in ("<x/>" * 900_000, circle * (3_900_000 // len(circle))):
+        data = cap((f"<polygon>{POLYGON}</polygon>", flood))
+        assert len(data) < CapLimits().max_bytes
+        assert reason(data) == "too_many_elements"
+    assert parse_cap(cap(("<polygon>", "<circle>1,1 1</circle>" * 1_000 + "<polygon>")))
 
 
 def test_wrong_namespace_is_named() -> None:
