@@ -1,3 +1,9 @@
+# The console's map library from the npm registry (no CDN at run time), then the app.
+FROM node:20-slim AS console
+WORKDIR /console
+COPY ops/console/package.json ops/console/package-lock.json ops/console/vendor.mjs ./
+RUN npm ci --no-audit --no-fund --loglevel=error
+
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
@@ -7,6 +13,7 @@ COPY channels channels
 COPY templates templates
 COPY ops ops
 COPY data data
+COPY --from=console /console/static/vendor ops/console/static/vendor
 RUN pip install --no-cache-dir -e .
 USER nobody
 CMD ["tocsin", "worker"]
