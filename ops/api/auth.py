@@ -140,13 +140,18 @@ def require(*roles: str) -> Callable[[Request], Awaitable[Principal]]:
         ctx: ApiContext = request.app.state.ctx
         try:
             principal = await ctx.authenticator.authenticate(bearer(request))
-        except AuthError as exc:
+            if principal is None:
+                raise AuthError("neither an API token nor a JWT from a trusted issuer")
+        except (AuthError, HTTPException) as exc:
+            # Failed sign-ins cost the caller's IP from the public budget, so credentials
+            # cannot be guessed (or JWT signatures made us verify) at line rate.
+            ip = client_ip(request, ctx.settings.api_trust_forwarded_for)
+            await ctx.limiter.check("auth-fail-ip", ip, ctx.settings.api_rate_public_per_min,
+                                    kind="ip")
+            if isinstance(exc, HTTPException):
+                raise
             raise HTTPException(exc.status, f"invalid credentials: {exc.reason}",
                                 headers={"WWW-Authenticate": "Bearer"}) from exc
-        if principal is None:
-            raise HTTPException(401, "invalid credentials: neither an API token nor a JWT "
-                                     "from a trusted issuer",
-                                headers={"WWW-Authenticate": "Bearer"})
         await ctx.limiter.check("token", principal.token_id, ctx.settings.api_rate_token_per_min)
         if roles and not principal.has(*roles):
             have = ", ".join(sorted(principal.roles)) or "none"
