@@ -11,14 +11,19 @@ and then checks at the stand-ins that every citizen got it exactly once per chan
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.fault_stack import FaultStack, storm_variant
-from tests.integration.pipeline_helpers import wait_until
+from streams.records import DeadLetter, decoder
+from streams.topics import HAZARDS_DLQ
+from tests.integration.fault_stack import FaultStack, redis_client, storm_variant
+from tests.integration.pipeline_helpers import read_topic, wait_until
 from tests.integration.test_pipeline import publish
+from tests.integration.test_sharding import wait_owned_by_both
 
 pytestmark = pytest.mark.integration
 CITIZENS = 1200
@@ -38,10 +43,10 @@ async def sent_share(stack: FaultStack, start: int, share: float, what: str) -> 
     """Wait until ``share`` of one alert's messages were accepted since ``start``."""
     goal = start + stack.expected_total() * share
 
-    async def reached() -> bool:
-        return await asyncio.to_thread(stack.accepted) >= goal
-
-    await wait_until(reached, 60, what, stack.live_worker().log())
+    deadline = time.monotonic() + 60
+    while await asyncio.to_thread(stack.accepted) < goal:
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
 
 
 def slow_providers(stack: FaultStack, latency_s: float) -> None:
@@ -126,3 +131,125 @@ def test_broker_connections_cut_and_restored_mid_alert(stack: FaultStack) -> Non
     assert worker.proc.poll() is None, f"the worker died\n{worker.log()}"
     stack.assert_once(key, "Fcut")
     stack.assert_once(storm_variant(stack.data_dir, "Fcut2")[1], "Fcut2")
+
+
+def poison(i: int) -> tuple[bytes, str]:
+    """The i-th malformed hazard message: broken XML, broken JSON, invalid CAP, noise."""
+    kind = i % 4
+    if kind == 0:
+        return f"<alert><identifier>p{i}</identifier><sent>".encode(), CAP
+    if kind == 1:
+        return f'{{"type": "Feature", "id": {i}, "geometry": '.encode(), "application/json"
+    if kind == 2:
+        return (
+            b'<alert xmlns="urn:oasis:names:tc:emergency:cap:1.2"><identifier>p%d'
+            b"</identifier><status>Actual</status></alert>" % i,
+            CAP,
+        )
+    return bytes([i % 256, 0, 255, 7]) * 8, ""
+
+
+POISON = 10_000
+POISON_DEADLINE_S = 60.0  # produce -> every citizen warned, for each real alert
+
+
+def test_poison_flood_goes_to_the_dlq_and_real_alerts_still_arrive(stack: FaultStack) -> None:
+    worker = stack.live_worker()
+    slow_providers(stack, 0.0)
+    real = [storm_variant(stack.data_dir, f"Fpoison{n}") for n in range(3)]
+    records: list[tuple[bytes, str]] = [poison(i) for i in range(POISON)]
+    for n, (payload, _) in enumerate(real):  # a real alert at 1/4, 2/4 and 3/4 of the flood
+        records.insert((n + 1) * POISON // 4 + n, (payload, CAP))
+    took: list[float] = []
+
+    async def scenario() -> list[DeadLetter]:
+        started = time.monotonic()
+        await publish(stack.settings, *records)
+        for n, (_, key) in enumerate(real):
+            await stack.wait_received(key, f"Fpoison{n}", POISON_DEADLINE_S, worker)
+            took.append(time.monotonic() - started)
+        dlq = stack.settings.topic(HAZARDS_DLQ)
+        rows = await read_topic(stack.settings.kafka_bootstrap_servers, dlq, POISON, 120)
+        return [decoder(DeadLetter).decode(r.value) for r in rows]
+
+    letters = asyncio.run(scenario())
+    assert worker.proc.poll() is None, f"the worker died\n{worker.log()}"
+    for n, (_, key) in enumerate(real):
+        stack.assert_once(key, f"Fpoison{n}")
+    reasons = Counter(x.reason for x in letters)
+    print(f"poison flood: real alerts complete after {[round(t, 1) for t in took]} s; "
+          f"DLQ reasons {dict(reasons)}")  # fmt: skip
+    assert len(letters) == POISON, f"{len(letters)} dead letters for {POISON} poison records"
+    assert all(x.reason and x.stage == "ingest" and x.detail for x in letters)
+    assert {x.payload for x in letters} == {p for p, _ in records} - {p for p, _ in real}
+
+
+def outcome_counts(stack: FaultStack, key: str) -> dict[str, int]:
+    """The alert's per-channel outcome counters (``push:sent``, ``sms:duplicate``...)."""
+    client = redis_client(stack)
+    try:
+        raw = client.hgetall(f"tocsin:counters:{key}")
+    finally:
+        client.close()
+    return {k.decode(): int(v) for k, v in raw.items()}
+
+
+def test_sigterm_mid_send_drains_and_a_restart_sends_nothing_twice(stack: FaultStack) -> None:
+    worker = stack.live_worker()
+    payload, key = storm_variant(stack.data_dir, "Fterm")
+    slow_providers(stack, 0.1)
+
+    async def scenario() -> tuple[int, int]:
+        start = await asyncio.to_thread(stack.accepted)
+        await publish(stack.settings, (payload, CAP))
+        await sent_share(stack, start, 0.2, "a fifth of the alert sent")
+        at_signal = await asyncio.to_thread(stack.accepted)
+        code = await asyncio.to_thread(stack.stop_worker, worker)
+        assert code == 0, f"worker exited with {code}\n{worker.log()}"
+        at_exit = await asyncio.to_thread(stack.accepted)
+        slow_providers(stack, 0.0)
+        # Two successors: the pair the rolling-restart case starts from.
+        successor = stack.spawn_worker()
+        stack.spawn_worker()
+        await stack.wait_received(key, "Fterm", 90, successor)
+        return at_signal - start, at_exit - start
+
+    at_signal, at_exit = asyncio.run(scenario())
+    print(f"SIGTERM after {at_signal}, exit after {at_exit} of {stack.expected_total()} messages")
+    assert at_signal < stack.expected_total(), "the signal came after the alert was sent"
+    assert at_exit > at_signal, "the worker did not drain its in-flight sends"
+    stack.assert_once(key, "Fterm")
+    counters = outcome_counts(stack, key)
+    # Offsets were committed on the way out: the successor was handed no batch the first
+    # worker had finished (each would have come back as idempotency "duplicate"s).
+    assert not {k: v for k, v in counters.items() if k.endswith(":duplicate")}, counters
+
+
+def test_rolling_restart_of_two_workers_loses_and_repeats_nothing(stack: FaultStack) -> None:
+    live = [w for w in stack.workers if w.proc.poll() is None]
+    first = live[0] if live else stack.spawn_worker()
+    second = live[1] if len(live) > 1 else stack.spawn_worker()
+    slow_providers(stack, 0.02)
+    alerts = [storm_variant(stack.data_dir, f"Froll{n}") for n in range(6)]
+
+    async def flow() -> None:
+        for payload, _ in alerts:
+            await publish(stack.settings, (payload, CAP))
+            await asyncio.sleep(2.5)  # a steady trickle of alerts during the restarts
+
+    async def scenario() -> None:
+        await wait_owned_by_both(stack.settings, first, second)
+        publishing = asyncio.create_task(flow())
+        for old in (first, second):
+            code = await asyncio.to_thread(stack.stop_worker, old)
+            assert code == 0, f"worker exited with {code}\n{old.log()}"
+            await wait_owned_by_both(stack.settings, *stack.workers, stack.spawn_worker())
+        await publishing
+        slow_providers(stack, 0.0)
+        for n, (_, key) in enumerate(alerts):
+            await stack.wait_received(key, f"Froll{n}", 90, stack.workers[-1])
+
+    asyncio.run(scenario())
+    assert len(stack.workers) == 2 and all(w.proc.poll() is None for w in stack.workers)
+    for n, (_, key) in enumerate(alerts):
+        stack.assert_once(key, f"Froll{n}")
