@@ -18,6 +18,12 @@ server answers per recipient:
   -- nothing had been accepted yet; a connection lost during DATA is a retriable
   failure (the Message-ID is stable across retries, so a duplicate can be spotted).
 
+The ``Message-ID`` is deterministic per (alert, citizen) --
+``<alert key>.<dedupe token>@<sender domain>``, the token an opaque hash
+(:func:`channels.idempotency.dedupe_token`) -- so a message re-sent after a lost DATA
+answer or a worker crash is the same message to every mail system and client that
+deduplicates by Message-ID.
+
 Server replies may quote the address, so error texts carry SMTP codes only.
 """
 
@@ -32,7 +38,7 @@ import html
 import re
 import ssl
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from email.message import EmailMessage
 from email.utils import formatdate
 from urllib.parse import quote
@@ -40,6 +46,7 @@ from urllib.parse import quote
 import aiosmtplib
 
 from channels.base import OutgoingMessage, ProviderError, SendResult
+from channels.idempotency import dedupe_token
 from streams.records import Channel
 
 __all__ = ["SmtpProvider", "text_to_html", "unsubscribe_token"]
@@ -48,7 +55,7 @@ __all__ = ["SmtpProvider", "text_to_html", "unsubscribe_token"]
 _POLICY = email.policy.SMTP.clone(cte_type="7bit")
 _DEAD_MAILBOX = frozenset({550, 551, 553})
 _URL_RE = re.compile(r"https?://[^\s<>\"']+")
-_MSGID_UNSAFE = re.compile(r"[^A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]")
+_MSGID_UNSAFE = re.compile(r"[^A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]")  # not atext or "."
 _CACHE = 64
 _CONN = "connection:"  # error prefixes send_batch counts
 _AUTH = "authentication rejected"
@@ -108,6 +115,8 @@ def _valid_address(address: str) -> bool:
 
 class SmtpProvider:
     """SMTP email provider with a pool of ``pool_size`` persistent connections."""
+
+    streams_results = True  # send_batch takes on_result (see channels.sender)
 
     def __init__(
         self,
@@ -185,9 +194,11 @@ class SmtpProvider:
         return f"List-Unsubscribe: {', '.join(links)}\r\n{lines}"
 
     def message_id(self, msg: OutgoingMessage) -> str:
-        """Stable per (alert, subscriber): a retried message keeps its Message-ID."""
-        sid = _MSGID_UNSAFE.sub("-", msg.subscriber_id)
-        return f"<{msg.alert_key}.{sid}@{self.domain}>"
+        """Stable per (alert, citizen): any re-send of the message keeps its Message-ID
+        (whichever of the citizen's places matched, whichever worker sends it)."""
+        token = dedupe_token(msg.alert_key, msg.channel, msg.subscriber_id)
+        alert = _MSGID_UNSAFE.sub("-", msg.alert_key)
+        return f"<{alert}.{token}@{self.domain}>"
 
     def render(self, msg: OutgoingMessage) -> bytes:
         """The full message bytes for one recipient."""
@@ -318,8 +329,13 @@ class SmtpProvider:
             return _lost(sid, type(exc).__name__), None
         return SendResult(sid, ok=True, provider_message_id=self.message_id(msg)), client
 
-    async def send_batch(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
-        """Send each message in its own SMTP transaction over the pool."""
+    async def send_batch(
+        self,
+        messages: Sequence[OutgoingMessage],
+        on_result: Callable[[SendResult], None] | None = None,
+    ) -> list[SendResult]:
+        """Send each message in its own SMTP transaction over the pool;
+        ``on_result`` hears each result as soon as its transaction ends."""
         if not messages:
             return []
         pool = self._queue()
@@ -334,6 +350,8 @@ class SmtpProvider:
                 for msg in queue:
                     result, client = await self._send_on(client, msg)
                     results.append(result)
+                    if on_result is not None:
+                        on_result(result)
             finally:
                 pool.put_nowait(client)
 

@@ -26,12 +26,15 @@ per-message failure; when every message of a call fails that way the call raises
 from __future__ import annotations
 
 import asyncio
+import base64
 import calendar
 import contextlib
+import hashlib
+import re
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -53,6 +56,7 @@ __all__ = [
     "classify",
     "fcm_error",
     "token_source",
+    "webpush_topic",
 ]
 
 FCM_SCOPES = (
@@ -64,6 +68,7 @@ _BAD_REQUEST_TYPE = "type.googleapis.com/google.rpc.BadRequest"
 _SENTINEL = "\u0000tocsin-token\u0000"  # cannot occur in a real registration token
 _TEMPLATE_CACHE = 256
 _UNAUTHENTICATED = "UnauthenticatedError: UNAUTHENTICATED"
+_TOPIC = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 # FCM's own error codes (FcmError.errorCode) -> firebase-admin's classes, as in
 # firebase_admin.messaging._MessagingService.FCM_ERROR_TYPES.
@@ -270,12 +275,24 @@ def _interruption_level(severity: str) -> str:
     return {"Extreme": "critical", "Severe": "time-sensitive"}.get(severity, "active")
 
 
+def webpush_topic(collapse_key: str) -> str:
+    """The Web Push ``Topic`` for a collapse key: RFC 8030 allows at most 32 characters
+    of the URL-safe base64 alphabet, so anything else is hashed into that shape."""
+    if _TOPIC.fullmatch(collapse_key):
+        return collapse_key
+    digest = hashlib.sha256(collapse_key.encode()).digest()
+    return base64.urlsafe_b64encode(digest).decode()[:32]
+
+
 def build_message(msg: OutgoingMessage, token: str, now: float | None = None) -> messaging.Message:
     """A firebase-admin ``Message`` for an urgent public-safety alert.
 
     High priority on Android and APNs (``apns-priority: 10``), TTL from the alert's
-    expiry, a collapse key per alert so an update replaces the earlier notification,
-    a critical sound for Extreme alerts, and the alert key in ``data`` for the app.
+    expiry, a critical sound for Extreme alerts, and the alert key in ``data`` for the
+    app. Every message of one alert carries the same collapse key on every platform --
+    ``android.collapse_key`` (and the notification ``tag``), ``apns-collapse-id`` and
+    the webpush ``Topic`` -- so a later message for the alert (an update, or a re-send
+    after a crash) replaces the earlier notification instead of stacking up.
     """
     now = time.time() if now is None else now
     ttl = msg.ttl_s
@@ -283,6 +300,7 @@ def build_message(msg: OutgoingMessage, token: str, now: float | None = None) ->
     webpush_headers = {"Urgency": "high"}
     if msg.collapse_key:
         apns_headers["apns-collapse-id"] = msg.collapse_key[:64]
+        webpush_headers["Topic"] = webpush_topic(msg.collapse_key)
     if ttl is not None:
         apns_headers["apns-expiration"] = str(int(now + ttl))
         webpush_headers["TTL"] = str(ttl)
@@ -300,7 +318,9 @@ def build_message(msg: OutgoingMessage, token: str, now: float | None = None) ->
         ttl=ttl,
         collapse_key=msg.collapse_key or None,
         notification=messaging.AndroidNotification(
-            priority="max" if extreme else "high", default_sound=True, tag=msg.alert_key
+            priority="max" if extreme else "high",
+            default_sound=True,
+            tag=msg.collapse_key or msg.alert_key,
         ),
     )
     apns = messaging.APNSConfig(
@@ -346,6 +366,8 @@ class FcmProvider:
     carries one request at a time on HTTP/1.1.
     """
 
+    streams_results = True  # send_batch takes on_result (see channels.sender)
+
     def __init__(
         self,
         base_url: str,
@@ -387,14 +409,27 @@ class FcmProvider:
                 self._templates.popitem(last=False)
         return parts[0] + msgspec.json.encode(msg.address) + parts[1]
 
-    async def send_batch(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+    async def send_batch(
+        self,
+        messages: Sequence[OutgoingMessage],
+        on_result: Callable[[SendResult], None] | None = None,
+    ) -> list[SendResult]:
         """Post every message; one result each. Raises ProviderError only when no
-        request got an HTTP answer, or every answer was an authentication failure."""
+        request got an HTTP answer, or every answer was an authentication failure.
+
+        ``on_result`` hears each message's result as soon as its answer is in.
+        """
         if not messages:
             return []
         headers = {"Authorization": await self.tokens.header(), "Content-Type": "application/json"}
-        answers = await self._poster.post_all(messages, self.body, headers)
-        results = [self._result(msg, ans) for msg, ans in zip(messages, answers, strict=True)]
+        results: list[SendResult] = [None] * len(messages)  # type: ignore[list-item]
+
+        def on_answer(i: int, answer: Answer | Exception) -> None:
+            result = results[i] = self._result(messages[i], answer)
+            if on_result is not None:
+                on_result(result)
+
+        answers = await self._poster.post_all(messages, self.body, headers, on_answer)
         transport_errors = sum(isinstance(a, TRANSPORT_ERRORS) for a in answers)
         auth_errors = sum(r.error == _UNAUTHENTICATED for r in results)
         if auth_errors:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import redis.asyncio as aioredis
 
@@ -130,21 +130,30 @@ class RateLimitedProvider:
         self.limiter = limiter
         self.name: str = inner.name
         self.channel: Channel = inner.channel
+        # Per-message results and provider acknowledgements pass straight through.
+        self.streams_results: bool = getattr(inner, "streams_results", False)
+        self.acknowledges: bool = getattr(inner, "acknowledges", False)
         # A third of the bucket at most: a granted chunk goes out as one burst of
         # concurrent requests whose arrival spreads over a few ms; small chunks keep
         # that spread (and so any overshoot seen at the provider) small.
         self.chunk = max(1, min(chunk, limiter.burst // 3))
 
-    async def send_batch(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
-        """Send ``messages`` chunk by chunk, each after its tokens are granted."""
+    async def send_batch(
+        self,
+        messages: Sequence[OutgoingMessage],
+        on_result: Callable[[SendResult], None] | None = None,
+    ) -> list[SendResult]:
+        """Send ``messages`` chunk by chunk, each after its tokens are granted
+        (``on_result`` is handed to the wrapped provider when it streams results)."""
         if not messages:
             return []
         chunks = [messages[i : i + self.chunk] for i in range(0, len(messages), self.chunk)]
         tasks: list[asyncio.Task[list[SendResult]]] = []
+        extra = {"on_result": on_result} if on_result and self.streams_results else {}
         try:
             for part in chunks:
                 await self.limiter.acquire(len(part))
-                tasks.append(asyncio.create_task(self.inner.send_batch(part)))
+                tasks.append(asyncio.create_task(self.inner.send_batch(part, **extra)))
             outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         except BaseException:
             for task in tasks:

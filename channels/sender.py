@@ -7,15 +7,22 @@
 2. claim one idempotency key per recipient (one round trip): already ``sent`` ->
    ``duplicate``; held by another live sender -> wait (bounded) until that claim is
    marked sent (``duplicate``) or lapses (we claim it and send), so a crashed worker's
-   claim delays a message by at most one lease but never loses it;
+   claim delays a message by at most one lease but never loses it. A claim taken over
+   from a crashed sender (``LAPSED``) on a channel whose provider acknowledges
+   messages (SMS status callbacks) is first looked up in the acknowledgement records,
+   waiting for late callbacks up to ``ack_wait_s`` after the lapse: a message the
+   provider already accepted is marked sent instead of being sent again;
 3. render once per language (the renderer caches across batches);
 4. send through ``providers[0]``, retrying retriable failures with exponential
    backoff and jitter (never sooner than the provider's ``Retry-After``, capped at
    ``_RETRY_AFTER_MAX_S``), then fail over to ``providers[1]`` and so on; leases are
    kept alive while a provider call or a backoff is in progress;
-5. mark successes sent as soon as each attempt returns (narrowing the window in which
-   a crash could cause a re-send) and release the claims of final failures so a
-   redelivered batch can try again.
+5. mark each success sent as soon as its provider answer arrives (providers with
+   ``streams_results`` report every answer through ``on_result``; the guard's
+   :class:`~channels.idempotency.SentMarker` writes them in 4 ms / 64-key flushes), so
+   a crash can re-send only what was in flight (see ``channels/idempotency.py`` for
+   the bounds); release the claims of final failures so a redelivered batch can try
+   again.
 
 Privacy: addresses exist only in local variables and in the messages handed to the
 providers. Logs carry counts and the alert key; receipt errors are scrubbed of every
@@ -36,7 +43,7 @@ from datetime import datetime
 from channels.base import OutgoingMessage, Provider, ProviderError, SendResult
 from channels.contacts import ContactStore
 from channels.events import delivery_events
-from channels.idempotency import ClaimState, IdempotencyGuard
+from channels.idempotency import ClaimState, IdempotencyGuard, dedupe_token
 from streams.records import Alert, DeliveryBatch, DeliveryStatus, Receipt, RecipientResult
 from templates.render import RenderedMessage, Renderer, select_info
 
@@ -148,6 +155,9 @@ class _Delivery:
         self.unsettled: dict[str, OutgoingMessage] = {}
         self.last_error: dict[str, str] = {}
         self.addresses: list[str] = []
+        # Accepted messages whose "sent" mark is queued (subscriber -> its flush).
+        self.marking: dict[str, asyncio.Future[frozenset[str]]] = {}
+        self.acked = 0  # lapsed claims the provider had acknowledged: not re-sent
 
     def key(self, sid: str) -> str:
         return self.guard.key(self.batch.alert_key, self.batch.channel, sid)
@@ -251,8 +261,9 @@ class _Delivery:
             channel = self.batch.channel
             delivery_events().attempt(channel, provider.name, len(batch), retry=attempt > 0)
             try:
-                results = await provider.send_batch(list(batch.values()))
+                results = await self._call(provider, batch)
             except ProviderError as exc:
+                await self._settle_early(provider, batch)
                 kind = "retriable" if exc.retriable else "permanent"
                 delivery_events().failure(channel, provider.name, kind, len(batch))
                 retry_after = exc.retry_after_s
@@ -269,6 +280,7 @@ class _Delivery:
                     return  # fail over at once
                 continue
             except Exception as exc:  # a provider bug must not stop the failover chain
+                await self._settle_early(provider, batch)
                 delivery_events().failure(channel, provider.name, "error", len(batch))
                 reason = f"{provider.name}: {type(exc).__name__}"
                 self.last_error.update(dict.fromkeys(batch, reason))
@@ -280,6 +292,45 @@ class _Delivery:
                 )
                 return
             batch, retry_after = await self._settle(provider, batch, results, contacts)
+
+    async def _call(
+        self, provider: Provider, batch: dict[str, OutgoingMessage]
+    ) -> list[SendResult]:
+        """One provider call; accepted messages are queued for marking as they come."""
+        if not getattr(provider, "streams_results", False):
+            return await provider.send_batch(list(batch.values()))
+        marker = self.guard.marker()
+
+        def on_result(res: SendResult) -> None:
+            sid = res.subscriber_id
+            if res.ok and sid in batch and sid not in self.marking:
+                self.marking[sid] = marker.mark(self.key(sid), self.token)
+
+        send = provider.send_batch
+        return await send(list(batch.values()), on_result=on_result)  # type: ignore[call-arg]
+
+    async def _mark_sent(self, provider: Provider, sids: list[str]) -> None:
+        """Record ``sids`` as sent: wait for their queued marks (queueing any missing)."""
+        if not sids:
+            return
+        marker = self.guard.marker()
+        flushes: dict[int, asyncio.Future[frozenset[str]]] = {}
+        for sid in sids:
+            self.result(sid, "sent")
+            self.unsettled.pop(sid, None)
+            future = self.marking.pop(sid, None) or marker.mark(self.key(sid), self.token)
+            flushes[id(future)] = future
+        self.delivered_by[provider.name] = self.delivered_by.get(provider.name, 0) + len(sids)
+        lost: set[str] = set()
+        for found in await asyncio.gather(*flushes.values()):
+            lost |= found
+        if lost:
+            self.lost_leases += sum(self.key(s) in lost for s in sids)
+
+    async def _settle_early(self, provider: Provider, batch: dict[str, OutgoingMessage]) -> None:
+        """A call that raised may have had messages accepted first: they are sent."""
+        early = [sid for sid in batch if sid in self.marking]
+        await self._mark_sent(provider, early)
 
     async def _settle(
         self,
@@ -306,7 +357,6 @@ class _Delivery:
                 retry[sid] = msg
             elif res.ok:
                 sent.append(sid)
-                del self.unsettled[sid]
             elif res.invalid_address:
                 dead.append(msg)
                 del self.unsettled[sid]
@@ -320,13 +370,7 @@ class _Delivery:
                         retry_after = max(retry_after or 0.0, res.retry_after_s)
         for kind, count in failed.items():
             delivery_events().failure(self.batch.channel, provider.name, kind, count)
-        if sent:
-            for sid in sent:
-                self.result(sid, "sent")
-            self.delivered_by[provider.name] = self.delivered_by.get(provider.name, 0) + len(sent)
-            self.lost_leases += await self.guard.mark_sent_many(
-                [self.key(s) for s in sent], self.token
-            )
+        await self._mark_sent(provider, sent)
         if dead:
             # The address is gone for good (e.g. UNREGISTERED token): prune it unless
             # the citizen registered a new one meanwhile, and free the claim.
@@ -334,6 +378,37 @@ class _Delivery:
                 await contacts.invalidate(msg.subscriber_id, self.batch.channel, msg.address)
             await self.guard.release_many([self.key(m.subscriber_id) for m in dead], self.token)
         return retry, retry_after
+
+    async def resolve_lapsed(self, lapsed: dict[str, float], ack_wait_s: float) -> list[str]:
+        """Claims taken over from a crashed sender, on a channel whose provider
+        acknowledges messages: those acknowledged are marked sent (not re-sent); the
+        others are returned for sending once their callbacks are overdue.
+
+        ``lapsed`` maps subscribers to how long ago the crashed sender's lease ran out;
+        a callback is waited for until ``ack_wait_s`` after that, polling the records
+        while our own leases are kept alive.
+        """
+        start = time.monotonic()
+        due = {sid: start + max(0.0, ack_wait_s - age) for sid, age in lapsed.items()}
+        acked: list[str] = []
+        overdue: list[str] = []
+        tokens = {s: dedupe_token(self.batch.alert_key, self.batch.channel, s) for s in due}
+        async with _keep_leases(self.guard, lambda: [self.key(s) for s in due], self.token):
+            while due:
+                sids = list(due)
+                found = await self.guard.acknowledged([tokens[s] for s in sids])
+                now = time.monotonic()
+                for sid, ok in zip(sids, found, strict=True):
+                    if ok or due[sid] <= now:
+                        (acked if ok else overdue).append(sid)
+                        del due[sid]
+                if due:
+                    await asyncio.sleep(min(0.1, max(0.01, min(due.values()) - now)))
+        if acked:
+            provider = next(p for p in self.providers if getattr(p, "acknowledges", False))
+            await self._mark_sent(provider, acked)
+            self.acked += len(acked)
+        return overdue
 
     async def _recheck_claims(self) -> None:
         """Before a retry or failover: drop messages whose claim we no longer hold."""
@@ -357,6 +432,7 @@ async def send_batch(
     max_attempts: int = 3,
     backoff_base_s: float = 0.2,
     backoff_max_s: float = 5.0,
+    ack_wait_s: float | None = None,
 ) -> Receipt:
     """Deliver ``batch`` once per recipient; return one result per recipient.
 
@@ -364,7 +440,9 @@ async def send_batch(
     for (default: twice the guard's lease plus a second, so a crashed sender's claim
     always lapses within the wait). Recipients still busy after it are reported
     ``failed`` with reason ``claim busy`` and left to the other sender; nothing is
-    dropped silently. ``max_attempts`` is per provider.
+    dropped silently. ``max_attempts`` is per provider. ``ack_wait_s`` (default: one
+    lease) is how long after a crashed sender's lease lapsed its provider's
+    acknowledgements are waited for (channels whose providers have ``acknowledges``).
 
     Raises ``ValueError`` when the batch and the alert disagree on the alert key, and
     lets Redis errors propagate: without the contact vault and the idempotency keys
@@ -375,6 +453,8 @@ async def send_batch(
     if batch.alert_key != alert.key:
         raise ValueError("delivery batch and alert have different alert keys")
     wait_s = 2 * guard.lease_s + 1.0 if busy_wait_s is None else busy_wait_s
+    ack_wait = guard.lease_s if ack_wait_s is None else ack_wait_s
+    acks = any(getattr(p, "acknowledges", False) for p in providers)
     run = _Delivery(
         batch, alert, guard, providers, renderer, max_attempts, backoff_base_s, backoff_max_s
     )
@@ -396,16 +476,21 @@ async def send_batch(
     deadline = time.monotonic() + wait_s
     poll_s = 0.02
     while waiting:
-        states = await guard.claim_many([run.key(s) for s in waiting], run.token)
+        states = await guard.claim_batch([run.key(s) for s in waiting], run.token)
         claimed: list[str] = []
         busy: list[str] = []
-        for sid, state in zip(waiting, states, strict=True):
-            if state is ClaimState.CLAIMED:
+        lapsed: dict[str, float] = {}
+        for sid, (state, age) in zip(waiting, states, strict=True):
+            if state is ClaimState.CLAIMED or (state is ClaimState.LAPSED and not acks):
                 claimed.append(sid)
+            elif state is ClaimState.LAPSED:
+                lapsed[sid] = age
             elif state is ClaimState.DONE:
                 run.result(sid, "duplicate")
             else:
                 busy.append(sid)
+        if lapsed:
+            claimed += await run.resolve_lapsed(lapsed, ack_wait)
         if claimed:
             await run.deliver(run.messages(addresses, claimed), contacts)
         waiting = busy
@@ -441,6 +526,13 @@ async def send_batch(
     counts: dict[str, int] = {}
     for res in results:
         counts[res.status] = counts.get(res.status, 0) + 1
+    if run.acked:
+        log.info(
+            "alert %s: %d messages a crashed sender had handed to the provider were "
+            "acknowledged by it; marked sent, not re-sent",
+            batch.alert_key,
+            run.acked,
+        )
     if run.lost_leases:
         log.warning(
             "alert %s: %d leases lapsed before mark-sent (possible duplicates)",

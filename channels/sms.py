@@ -21,6 +21,14 @@ over one pooled keep-alive aiohttp session with bounded concurrency. Answers:
 - no answer at all (refused, reset, timeout): retriable per message, and a
   :class:`ProviderError` when the whole call got none (the provider is down).
 
+Every request's ``StatusCallback`` is the configured webhook URL plus
+``?alert=<alert key>&k=<token>``, where the token is
+:func:`channels.idempotency.dedupe_token` of (alert, channel, citizen) -- an opaque
+hash, never the number. Twilio posts each status change of the message there
+(``queued``, ``sent``, ``delivered``...); the webhook records the token as
+acknowledged, and a sender taking over a crashed sender's claim marks an acknowledged
+message sent instead of texting the citizen twice (see ``channels/idempotency.py``).
+
 Twilio's error messages echo the phone number, so error texts carry the code only.
 The body's segment count (GSM-7 vs UCS-2) is budgeted by ``templates.render``.
 :func:`parse_status_callback` and :func:`validate_signature` are for the delivery
@@ -32,14 +40,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from urllib.parse import quote_plus, urlencode
 
 import msgspec
 from yarl import URL
 
 from channels.base import OutgoingMessage, ProviderError, SendResult, parse_retry_after
-from channels.http import PooledPoster
+from channels.http import Answer, PooledPoster
+from channels.idempotency import dedupe_token
 from streams.records import Channel
 
 __all__ = [
@@ -118,8 +127,12 @@ class SmsProvider:
     """Twilio-Messages-API-shaped SMS provider.
 
     Give ``from_`` (a number or sender id) or ``messaging_service_sid``.
-    ``status_callback`` is the URL the provider should post delivery statuses to.
+    ``status_callback`` is the URL the provider should post delivery statuses to; with
+    it, each message's callback names the message (see the module doc) and the
+    provider ``acknowledges``: the sender may consult those acknowledgements.
     """
+
+    streams_results = True  # send_batch takes on_result (see channels.sender)
 
     def __init__(
         self,
@@ -150,12 +163,22 @@ class SmsProvider:
         sender = {"MessagingServiceSid": messaging_service_sid} if messaging_service_sid else {}
         if from_ and not messaging_service_sid:
             sender = {"From": from_}
-        if status_callback:
-            sender["StatusCallback"] = status_callback
         self._common = urlencode(sender)
+        self.acknowledges = bool(status_callback)
+        self._callback = ""
+        if status_callback:
+            sep = "&" if "?" in status_callback else "?"
+            self._callback = "&StatusCallback=" + quote_plus(f"{status_callback}{sep}alert=")
         self.max_concurrency = max_concurrency
         self._poster = PooledPoster(self.url, max_concurrency, timeout_s)
         self._bodies: dict[str, str] = {}
+
+    def callback_url(self, msg: OutgoingMessage) -> str:
+        """The ``StatusCallback`` of one message ("" when none is configured)."""
+        if not self._callback:
+            return ""
+        token = dedupe_token(msg.alert_key, msg.channel, msg.subscriber_id)
+        return f"{self._callback}{quote_plus(msg.alert_key)}%26k%3D{token}"
 
     def form(self, msg: OutgoingMessage) -> bytes:
         """The form-encoded request body for one message."""
@@ -164,7 +187,7 @@ class SmsProvider:
             if len(self._bodies) > 64:  # one entry per (alert, language) in practice
                 self._bodies.clear()
             tail = self._bodies[msg.body] = f"&{self._common}&Body={quote_plus(msg.body)}"
-        return f"To={quote_plus(msg.address)}{tail}".encode()
+        return f"To={quote_plus(msg.address)}{self.callback_url(msg)}{tail}".encode()
 
     def _answer(
         self, msg: OutgoingMessage, status: int, payload: bytes, retry_after: str | None
@@ -193,23 +216,39 @@ class SmsProvider:
             return SendResult(sid, ok=False, error=error, invalid_address=True)
         return SendResult(sid, ok=False, error=error)
 
-    async def send_batch(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
-        """Post every message; one result each (see the module doc for the mapping)."""
+    def _result(self, msg: OutgoingMessage, answer: Answer | Exception) -> SendResult:
+        if isinstance(answer, ValueError):  # the form could not be built
+            return SendResult(msg.subscriber_id, ok=False, error="unsendable message")
+        if isinstance(answer, Exception):
+            error = f"no answer ({type(answer).__name__})"
+            return SendResult(msg.subscriber_id, ok=False, error=error, retriable=True)
+        return self._answer(msg, answer.status, answer.payload, answer.retry_after)
+
+    async def send_batch(
+        self,
+        messages: Sequence[OutgoingMessage],
+        on_result: Callable[[SendResult], None] | None = None,
+    ) -> list[SendResult]:
+        """Post every message; one result each (see the module doc for the mapping).
+
+        ``on_result`` hears each message's result as soon as its answer is in.
+        """
         if not messages:
             return []
-        answers = await self._poster.post_all(messages, self.form, self._headers)
-        results = []
+        results: list[SendResult] = [None] * len(messages)  # type: ignore[list-item]
+
+        def on_answer(i: int, answer: Answer | Exception) -> None:
+            result = results[i] = self._result(messages[i], answer)
+            if on_result is not None:
+                on_result(result)
+
+        answers = await self._poster.post_all(messages, self.form, self._headers, on_answer)
         no_answer = auth_failed = 0
-        for msg, answer in zip(messages, answers, strict=True):
-            if isinstance(answer, Exception):
+        for answer, result in zip(answers, results, strict=True):
+            if isinstance(answer, Answer):
+                auth_failed += answer.status in (401, 403) and not result.ok
+            elif not isinstance(answer, ValueError):
                 no_answer += 1
-                error = f"no answer ({type(answer).__name__})"
-                results.append(SendResult(msg.subscriber_id, ok=False, error=error, retriable=True))
-                continue
-            result = self._answer(msg, answer.status, answer.payload, answer.retry_after)
-            if answer.status in (401, 403) and not result.ok:
-                auth_failed += 1
-            results.append(result)
         if no_answer == len(messages):
             raise ProviderError(f"{self.name}: provider unreachable", retriable=True)
         if auth_failed == len(messages):
