@@ -2,7 +2,8 @@
 
     python benchmarks/cap_ingest.py [--seconds 2] [--dir DIR ...]
 
-Runs over the real CAP files, each document read into memory first, single thread, in
+Runs over the real CAP files, each document read into memory first, single thread, timed
+in CPU seconds of this process (so other load on a shared machine does not count), in
 two sets: ``published`` (``data/cap/cap12`` and ``data/cap/cap11``: messages as agencies
 sent them; the target applies here) and, if ``../shared/data/cap/cap12_processed``
 exists, ``stress`` (re-serialised messages with up to 225 polygons and 1.7 MB: the
@@ -51,17 +52,32 @@ def load_docs(dirs: list[Path]) -> list[bytes]:
 
 
 def rate(work: Callable[[bytes], object], docs: list[bytes], seconds: float) -> float:
-    """Documents per second over whole rounds of ``docs`` lasting at least ``seconds``."""
+    """Documents per CPU second over whole rounds of ``docs`` lasting at least ``seconds``.
+
+    CPU time of this (single-threaded) process, not wall time: "per core" is what the
+    target means, and on a shared machine wall time mostly measures the neighbours.
+    """
     for doc in docs:  # warm-up: parser objects, schemas, caches
         work(doc)
-    done, start = 0, time.perf_counter()
+    done, start = 0, time.process_time()
     while True:
         for doc in docs:
             work(doc)
         done += len(docs)
-        elapsed = time.perf_counter() - start
+        elapsed = time.process_time() - start
         if elapsed >= seconds:
             return done / elapsed
+
+
+def largest_ms(docs: list[bytes], rounds: int = 20) -> float:
+    """CPU milliseconds ``ours`` spends on the largest document (best of ``rounds``)."""
+    doc = max(docs, key=len)
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.process_time()
+        ours(doc)
+        best = min(best, time.process_time() - start)
+    return best * 1000
 
 
 def ours(doc: bytes) -> object:
@@ -120,7 +136,8 @@ def main() -> None:
     if args.dir is None and stress.is_dir():
         sets["stress"] = [stress]
     print(f"python {platform.python_version()}, lxml {etree.__version__}, "
-          f"libxml2 {'.'.join(map(str, etree.LIBXML_VERSION))}, one core (single thread)")
+          f"libxml2 {'.'.join(map(str, etree.LIBXML_VERSION))}, one core (single thread, "
+          "CPU time)")
     result: dict[str, object] = {"benchmark": "cap_ingest", "target": TARGET,
                                  "cpu": platform.processor() or platform.machine(),
                                  "cpus": os.cpu_count()}
@@ -137,7 +154,9 @@ def main() -> None:
                   f"  {value / figures['lxml_xsd']:.2f}x")
         verdict = "meets" if figures["ours"] >= TARGET else "is below"
         print(f"ours: {figures['ours']:,.0f} msgs/s/core {verdict} the {TARGET:,.0f} target")
-        result[name] = {"documents": len(docs), "bytes": total,
+        big = largest_ms(docs)
+        print(f"ours on the largest document ({max(map(len, docs)) / 1e6:.2f} MB): {big:.1f} ms")
+        result[name] = {"documents": len(docs), "bytes": total, "largest_ms": round(big, 2),
                         **{f"{k}_msgs_per_s": round(v, 1) for k, v in figures.items()}}
     print(json.dumps(result))
 
