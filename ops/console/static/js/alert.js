@@ -3,7 +3,7 @@
 // at the top of this screen whatever its state, so stopping a mistake is one click away.
 
 import { get, post, stream } from "./api.js";
-import { el, fill, $, statusBanner, stateBadge, when, announce, areaText, STATE_TEXT } from "./ui.js";
+import { el, fill, $, plural, statusBanner, stateBadge, when, announce, areaText, STATE_TEXT } from "./ui.js";
 
 const CANCELLABLE = ["draft", "pending_approval", "approved", "rejected", "sent"];
 const CORRECTABLE = ["sent", "cancelled"];
@@ -171,8 +171,8 @@ function messageProgress(m) {
   });
   const messages = Object.values(m.expected).reduce((a, b) => a + b, 0);
   const head = !m.ingested ? "waiting for the pipeline to accept it"
-    : m.msg_type === "Cancel" ? `${messages} messages to those already warned`
-      : `${m.matched} subscriptions matched, ${messages} messages`;
+    : m.msg_type === "Cancel" ? `${plural(messages, "message")} to those already warned`
+      : `${plural(m.matched, "subscription")} matched, ${plural(messages, "message")}`;
   return el("section.message-progress", { "data-kind": m.kind, "data-complete": String(m.complete) },
     el("h3", {}, `${label}: ${m.complete ? "delivered" : "in progress"}`),
     el("p", {}, head, m.first_delivery ? ` · first ${when(m.first_delivery)}, last ${when(m.last_delivery)}` : ""),

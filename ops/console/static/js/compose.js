@@ -2,7 +2,7 @@
 // reach preview (debounced, stale answers dropped), and submit.
 
 import { post, get, ApiError } from "./api.js";
-import { el, fill, $, debounce, statusBanner, STATUS_TEXT, announce } from "./ui.js";
+import { el, fill, $, plural, debounce, statusBanner, STATUS_TEXT, announce } from "./ui.js";
 import { AreaMap } from "./map.js";
 
 const PREVIEW_DELAY_MS = 400;
@@ -151,6 +151,9 @@ export class Compose {
       announce(submitted.state === "pending_approval"
         ? "Submitted: waiting for a second person to approve it."
         : `Submitted: ${submitted.state}.`, "ok");
+      // The next alert's status must be chosen again: never carried over by accident.
+      for (const radio of this.form.querySelectorAll("input[name=status]")) radio.checked = false;
+      this.statusChanged();
       this.openAlert(submitted.id);
     } catch (err) {
       announce(`Not submitted: ${err instanceof ApiError ? err.message : err}`, "error");
@@ -172,9 +175,9 @@ export function renderPreview(p) {
       el("td", { "data-channel": c, class: "reach-messages" }, p.reach.channels[c]),
       el("td", {}, p.reach.citizen_channels[c])))));
   const total = el("p.reach-total", {},
-    el("strong", { id: "reach-total" }, String(p.reach.citizens)), " citizens reached (",
-    String(p.reach.subscriptions), " subscriptions; ", String(p.in_area.subscriptions),
-    " in the area before preferences) · ", `${p.area_km2} km²`);
+    el("strong", { id: "reach-total" }, String(p.reach.citizens)),
+    ` ${p.reach.citizens === 1 ? "citizen" : "citizens"} reached (${plural(p.reach.subscriptions, "subscription")}; `,
+    `${p.in_area.subscriptions} in the area before preferences) · ${p.area_km2} km²`);
   const parts = [p.is_test ? statusBanner(p.status, p.status_banner) : null, total, table];
   if (p.warnings?.length) parts.push(el("ul.warnings", { "aria-label": "Warnings" }, p.warnings.map((w) => el("li", {}, w))));
   const msgs = el("details.messages", {}, el("summary", {}, `What people will read (${p.messages.length} messages)`),

@@ -64,6 +64,11 @@ export function stateBadge(state) {
   return el(`span.state.state-${state}`, {}, STATE_TEXT[state] || state);
 }
 
+/** "1 citizen", "3 citizens". */
+export function plural(n, word) {
+  return `${n} ${word}${n === 1 ? "" : "s"}`;
+}
+
 export function when(epochSeconds) {
   if (!epochSeconds) return "—";
   return new Date(epochSeconds * 1000).toLocaleString();
