@@ -18,7 +18,16 @@ Delivery status callbacks are parsed with ``channels.sms.parse_status_callback``
 counted per alert in ``tocsin:api:callbacks:<alert key>`` (``sms:delivered``...), kept
 apart from the pipeline's counters. The alert comes from the callback URL's ``alert``
 query parameter, or from ``tocsin:sms-sid:<MessageSid>`` when a sender records it;
-reports we cannot attribute are counted under ``unattributed``.
+reports we cannot attribute are counted under ``unattributed``. The URL's ``k``
+parameter names the message (an opaque token, see ``channels.sms``): any status for it
+proves the provider accepted it, which is recorded (``channels.idempotency.
+record_provider_ack``) so that a worker taking over after a crash does not text the
+citizen a second time.
+
+Status callbacks come at two or three per SMS sent -- hundreds per second during a
+large alert, all from the provider's few addresses -- so when signatures are verified
+they bypass the per-IP webhook limit (a forged flood is refused by the signature
+check); unsigned, they share the inbound limit.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from xml.sax.saxutils import escape
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 
+from channels.idempotency import ACK_PREFIX
 from channels.sms import parse_status_callback, validate_signature
 from ops.api.citizen_store import Preferences
 from ops.api.citizens import erase, publish, zone_code
@@ -35,13 +45,20 @@ from ops.api.context import ApiContext
 from ops.api.progress import CALLBACKS
 from ops.api.ratelimit import limit_ip
 
-router = APIRouter(prefix="/webhooks/sms", tags=["webhooks"],
-                   dependencies=[Depends(limit_ip("webhook",
-                                                  lambda c: c.settings.api_rate_webhook_per_min))])
+router = APIRouter(prefix="/webhooks/sms", tags=["webhooks"])
+_limit_ip = limit_ip("webhook", lambda c: c.settings.api_rate_webhook_per_min)
 STOP_WORDS = {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"}
 HELP = ("Tocsin emergency alerts. Text JOIN followed by your county's 6-digit SAME code "
         "(e.g. JOIN 006037) to get alerts for it. Text STOP to end and erase your number.")
 SID = "tocsin:sms-sid:"
+_TOKEN = re.compile(r"[0-9a-f]{32}")
+
+
+async def _limit_unsigned(request: Request) -> None:
+    """The per-IP webhook limit, unless signatures are verified (see module doc)."""
+    ctx: ApiContext = request.app.state.ctx
+    if not ctx.settings.sms_auth_token:
+        await _limit_ip(request)
 
 
 def twiml(text: str) -> Response:
@@ -74,7 +91,7 @@ def _code(word: str) -> str:
     return word
 
 
-@router.post("/inbound", response_class=Response,
+@router.post("/inbound", response_class=Response, dependencies=[Depends(_limit_ip)],
              responses={200: {"content": {"application/xml": {}}}})
 async def inbound(request: Request) -> Response:
     """Keyword opt-in (JOIN), opt-out (STOP) and HELP from the SMS provider."""
@@ -135,9 +152,11 @@ async def _stop(ctx: ApiContext, phone: str) -> str:
             "will be sent. Text JOIN <zone code> to subscribe again.")
 
 
-@router.post("/status", status_code=204, response_class=Response)
+@router.post("/status", status_code=204, response_class=Response,
+             dependencies=[Depends(_limit_unsigned)])
 async def status_callback(request: Request) -> Response:
-    """SMS delivery report: counted per alert as ``sms:<status>``."""
+    """SMS delivery report: counted per alert as ``sms:<status>``; the message it
+    names (``k``) is recorded as accepted by the provider."""
     ctx: ApiContext = request.app.state.ctx
     form = await _form(request, ctx)
     try:
@@ -148,5 +167,10 @@ async def status_callback(request: Request) -> Response:
     if not re.fullmatch(r"[0-9a-f]{1,40}", alert):
         raw = await ctx.redis.get(SID + sid[:64])
         alert = raw.decode() if isinstance(raw, bytes) else (raw or "")
-    await ctx.redis.hincrby(CALLBACKS + (alert or "unattributed"), f"sms:{status}", 1)
+    token = request.query_params.get("k", "")
+    async with ctx.redis.pipeline(transaction=False) as pipe:
+        pipe.hincrby(CALLBACKS + (alert or "unattributed"), f"sms:{status}", 1)
+        if _TOKEN.fullmatch(token):
+            pipe.set(ACK_PREFIX + token, sid[:64], ex=ctx.settings.idempotency_ttl_s)
+        await pipe.execute()
     return Response(status_code=204)

@@ -338,7 +338,7 @@ async def test_sms_status_callbacks_become_receipt_statuses() -> None:
     async def hook(request: web.Request) -> web.Response:
         form = {k: str(v) for k, v in (await request.post()).items()}
         got.append((str(request.url), form, request.headers.get("X-Twilio-Signature", "")))
-        if len(got) == 6:  # three messages: "sent", then the final status
+        if len(got) == 9:  # three messages: "queued", "sent", then the final status
             all_in.set()
         return web.Response(status=204)
 
@@ -372,7 +372,7 @@ async def test_sms_status_callbacks_become_receipt_statuses() -> None:
         assert validate_signature(url, form, signature, AUTH)
         assert not validate_signature(url, form, signature, "wrong-token")
         message_id, status, error_code = parse_status_callback(form)
-        final[message_id] = (status, error_code)  # "sent" first, then the final status
+        final[message_id] = (status, error_code)  # "queued", "sent", then the final one
     assert final[sms_ids[sid(0)]] == ("delivered", "")
     assert final[sms_ids[sid(2)]] == ("failed", "30003")
     with pytest.raises(ValueError):

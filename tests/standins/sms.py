@@ -13,12 +13,19 @@
   number: the ``invalid`` set), 21617 (body over 1600 characters), 20429 (429 with
   ``Retry-After``), 20503 (503).
 
-With ``callbacks=True`` it posts delivery status callbacks (``sent``, then
-``delivered``, or ``undelivered`` with ErrorCode 30003 for numbers in ``unreachable``)
-to the message's ``StatusCallback``, signed with ``X-Twilio-Signature``.
+With ``callbacks=True`` (``--callbacks``) it posts status callbacks to each
+message's ``StatusCallback`` URL, as Twilio does: form-encoded ``MessageSid``,
+``MessageStatus``, ``SmsSid``, ``SmsStatus``, ``To``, ``From``, ``AccountSid``,
+``ApiVersion`` (``ErrorCode`` on failures), signed with ``X-Twilio-Signature`` over the
+URL exactly as given (query string included) -- ``queued``, then ``sent``, then
+``delivered`` (``undelivered`` with ErrorCode 30003 for numbers in ``unreachable``).
+A message's statuses go out in order; a new message's ``queued`` overtakes the later
+statuses of older ones (Twilio queues at once, the carrier reports come later), over
+``callback_concurrency`` keep-alive connections. A callback that fails is not retried
+(Twilio does not retry status callbacks either); ``callbacks_failed`` counts them.
 
 Run in-process (``SmsStandIn(...).running()``) or as a process:
-``python -m tests.standins.sms --port N --sid AC... --auth-token T``.
+``python -m tests.standins.sms --port N --sid AC... --auth-token T [--callbacks]``.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import itertools
 import json
 import re
 import secrets
@@ -73,7 +81,9 @@ class SmsStandIn(StandIn):
     invalid: set[str] = field(default_factory=set)
     unreachable: set[str] = field(default_factory=set)
     callbacks: bool = False
+    callback_concurrency: int = 16
     callbacks_sent: int = 0
+    callbacks_failed: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -81,6 +91,18 @@ class SmsStandIn(StandIn):
         self._auth = f"Basic {basic}"
         self._tasks: set[asyncio.Task[None]] = set()
         self._client: aiohttp.ClientSession | None = None
+        # (stage, sequence, callback): stage 0 = queued goes first; see the module doc.
+        self._outbox: asyncio.PriorityQueue[tuple[int, int, _Callback]] | None = None
+        self._seq = itertools.count()
+
+    def stats(self, alert_key: str | None = None) -> dict[str, Any]:
+        """The base counters plus the status callbacks sent, failed and still due."""
+        return {
+            **super().stats(alert_key),
+            "callbacks_sent": self.callbacks_sent,
+            "callbacks_failed": self.callbacks_failed,
+            "callbacks_pending": self._outbox.qsize() if self._outbox else 0,
+        }
 
     def routes(self, app: web.Application) -> None:
         """The Messages create endpoint."""
@@ -90,8 +112,11 @@ class SmsStandIn(StandIn):
     async def _cleanup(self, app: web.Application) -> None:
         for task in list(self._tasks):
             task.cancel()
+        self._tasks.clear()
+        self._outbox = None
         if self._client is not None:
             await self._client.close()
+            self._client = None
 
     async def create(self, request: web.Request) -> web.Response:
         """Create (send) a message."""
@@ -159,45 +184,86 @@ class SmsStandIn(StandIn):
         }
         callback = str(form.get("StatusCallback", ""))
         if callback and self.callbacks:
-            task = asyncio.create_task(self._callbacks(callback, sid, to, sender))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            final = ("undelivered", "30003") if to in self.unreachable else ("delivered", "")
+            statuses = (("queued", ""), ("sent", ""), final)
+            self._schedule(_Callback(callback, sid, to, sender, service, statuses))
         return self.answer(201, json.dumps(resource).encode())
 
-    async def _callbacks(self, url: str, sid: str, to: str, sender: str) -> None:
-        if self._client is None:
-            self._client = aiohttp.ClientSession()
-        final = ("undelivered", "30003") if to in self.unreachable else ("delivered", "")
-        for status, error in (("sent", ""), final):
+    def _schedule(self, callback: _Callback) -> None:
+        if self._outbox is None:
+            self._outbox = asyncio.PriorityQueue()
+            self._client = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.callback_concurrency)
+            )
+            for _ in range(self.callback_concurrency):
+                task = asyncio.create_task(self._post_callbacks(self._outbox, self._client))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        self._outbox.put_nowait((callback.stage, next(self._seq), callback))
+
+    async def _post_callbacks(
+        self,
+        outbox: asyncio.PriorityQueue[tuple[int, int, _Callback]],
+        client: aiohttp.ClientSession,
+    ) -> None:
+        while True:
+            _, _, cb = await outbox.get()
+            status, error = cb.statuses[cb.stage]
             form = {
                 "AccountSid": self.account_sid,
                 "ApiVersion": "2010-04-01",
-                "From": sender,
-                "MessageSid": sid,
+                "From": cb.sender,
+                "MessageSid": cb.sid,
                 "MessageStatus": status,
-                "SmsSid": sid,
+                "SmsSid": cb.sid,
                 "SmsStatus": status,
-                "To": to,
+                "To": cb.to,
             }
+            if cb.service:
+                form["MessagingServiceSid"] = cb.service
             if error:
                 form["ErrorCode"] = error
-            headers = {"X-Twilio-Signature": twilio_signature(url, form, self.auth_token)}
+            headers = {"X-Twilio-Signature": twilio_signature(cb.url, form, self.auth_token)}
             try:
-                async with self._client.post(url, data=form, headers=headers) as resp:
+                async with client.post(cb.url, data=form, headers=headers) as resp:
                     await resp.read()
-                self.callbacks_sent += 1
-            except aiohttp.ClientError:
-                return
+                    ok = resp.status < 300
+            except (aiohttp.ClientError, OSError):
+                ok = False
+            self.callbacks_sent += ok
+            self.callbacks_failed += not ok
+            cb.stage += 1
+            if cb.stage < len(cb.statuses):
+                outbox.put_nowait((cb.stage, next(self._seq), cb))
+
+
+@dataclass
+class _Callback:
+    """The status callbacks still owed for one message."""
+
+    url: str
+    sid: str
+    to: str
+    sender: str
+    service: str
+    statuses: tuple[tuple[str, str], ...]
+    stage: int = 0
 
 
 def _args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sid", default="AC" + "0" * 32)
     parser.add_argument("--auth-token", default="standin-auth-token")
     parser.add_argument("--invalid", action="append", default=[])
+    parser.add_argument("--callbacks", action="store_true", help="post status callbacks")
 
 
 def _build(args: argparse.Namespace) -> SmsStandIn:
-    return SmsStandIn(account_sid=args.sid, auth_token=args.auth_token, invalid=set(args.invalid))
+    return SmsStandIn(
+        account_sid=args.sid,
+        auth_token=args.auth_token,
+        invalid=set(args.invalid),
+        callbacks=args.callbacks,
+    )
 
 
 if __name__ == "__main__":
