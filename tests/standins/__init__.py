@@ -124,7 +124,8 @@ class StandIn:
         if f.latency_s:
             await asyncio.sleep(f.latency_s)
         if f.hang:
-            while self.faults.hang:
+            # A plain field flipped by the control endpoint (Faults.update), not an Event.
+            while self.faults.hang:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
             return "close"
         if f.down:
