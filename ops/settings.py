@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     broker_commit_interval_s: float = Field(default=2.8, gt=0)
     stream_buffer_maxsize: int = Field(default=4096, ge=1)
     broker_max_poll_records: int = Field(default=0, ge=0, description="0 = no limit")
+    # Warm standby shards per worker: the k partitions after each owned one stay read and
+    # indexed, so failover swaps instead of re-reading (k = partitions - 1: all of them).
+    shard_standbys: int = Field(default=0, ge=0)
 
     # -- data ------------------------------------------------------------------------
     data_dir: Path = REPO_ROOT / "data"

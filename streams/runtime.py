@@ -91,7 +91,9 @@ class Runtime:
             max_polygons=settings.max_polygons,
             max_vertices=settings.max_vertices,
         )
-        shards = ShardSet(gazetteer)
+        shards = ShardSet(
+            gazetteer, standbys=settings.shard_standbys, partitions=settings.partitions
+        )
         owner = f"{socket.gethostname()}:{os.getpid()}"
 
         def publish_size(partition: int, size: int) -> None:

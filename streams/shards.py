@@ -144,25 +144,44 @@ class Shard:
 
 
 class ShardSet:
-    """All shards one worker owns, keyed by partition number."""
+    """All shards one worker holds, keyed by partition number: the ones it owns (answers
+    for) and, with ``standbys`` > 0, warm standbys it keeps read and indexed but does not
+    answer for, so that taking one over after a rebalance is a swap, not a re-read.
 
-    def __init__(self, gazetteer: Gazetteer) -> None:
+    The standbys are the ``standbys`` partitions after each owned one, in ring order of
+    ``partitions`` (``partitions - 1`` keeps every shard warm on every worker).
+    """
+
+    def __init__(self, gazetteer: Gazetteer, *, standbys: int = 0, partitions: int = 0) -> None:
         self.gazetteer = gazetteer
         self.shards: dict[int, Shard] = {}
+        self.owned: set[int] = set()
+        self.standbys = standbys
+        self.partitions = partitions
+
+    def standby_for(self, owned: set[int]) -> set[int]:
+        """The partitions to keep warm besides ``owned``."""
+        if not (self.standbys and self.partitions and owned):
+            return set()
+        ring = {(p + i) % self.partitions for p in owned for i in range(1, self.standbys + 1)}
+        return ring - owned
 
     def assign(self, partitions: Iterable[int]) -> tuple[set[int], set[int]]:
-        """Make ``partitions`` the owned set; return (added, removed)."""
-        wanted = set(partitions)
+        """Make ``partitions`` the owned set (plus its standbys); return the shards
+        (added, removed). A standby that becomes owned is neither: it is kept as it is."""
+        owned = set(partitions)
+        wanted = owned | self.standby_for(owned)
         current = set(self.shards)
         for p in current - wanted:
             del self.shards[p]
         for p in wanted - current:
             self.shards[p] = Shard()
+        self.owned = owned
         return wanted - current, current - wanted
 
     def shard(self, partition: int) -> Shard | None:
         """The shard for a partition, or None when this worker does not own it."""
-        return self.shards.get(partition)
+        return self.shards.get(partition) if partition in self.owned else None
 
 
 class SubscriptionReader:
@@ -207,10 +226,17 @@ class SubscriptionReader:
 
     def follow(self, partitions: Iterable[int]) -> None:
         """Follow a new partition assignment (called from the rebalance signal)."""
+        before, warm = set(self.shards.owned), set(self.shards.shards)
         added, _removed = self.shards.assign(partitions)
         self._assigned = set(self.shards.shards)
         if added or _removed:
             self._reassign.set()
+        for p in sorted((self.shards.owned - before) & warm):
+            shard = self.shards.shards[p]
+            log.info("partition %s taken over from a standby shard (%d subscriptions, "
+                     "no re-read)", p, len(shard.subscriptions))  # fmt: skip
+            if shard.caught_up.is_set() and self.on_size is not None:
+                self.on_size(p, len(shard.subscriptions))
 
     async def _maintain(self, interval_s: float = 0.5) -> None:
         """Fold deltas into new base indexes in the background (see ``Shard.rebuild``)."""
@@ -240,6 +266,11 @@ class SubscriptionReader:
                 await self._reassign.wait()
                 continue
             batch = await self.consumer.getmany(timeout_ms=200, max_records=5000)
+            if not batch and self._reassign.is_set():
+                # The assignment changed during this fetch: its emptiness says nothing
+                # about the shards just added (not read yet), so it must not mark them
+                # caught up; the next round reads them from the beginning.
+                continue
             self._absorb(batch)
 
     def _absorb(self, batch: dict[TopicPartition, list]) -> None:  # type: ignore[type-arg]
@@ -250,11 +281,11 @@ class SubscriptionReader:
             for p, shard in self.shards.shards.items():
                 if not shard.caught_up.is_set():
                     shard.caught_up.set()
-                    if self.on_size is not None:
+                    if self.on_size is not None and p in self.shards.owned:
                         self.on_size(p, len(shard.subscriptions))
             return
         for tp, records in batch.items():
-            owner = self.shards.shard(tp.partition)
+            owner = self.shards.shards.get(tp.partition)  # owned or standby
             if owner is None:
                 continue  # revoked while the fetch was in flight
             for record in records:
@@ -263,5 +294,5 @@ class SubscriptionReader:
                 if reason:
                     # Never log the record: it may hold a citizen's home location.
                     log.warning("subscription rejected (partition %s): %s", tp.partition, reason)
-            if self.on_size is not None:
+            if self.on_size is not None and tp.partition in self.shards.owned:
                 self.on_size(tp.partition, len(owner.subscriptions))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -95,3 +96,46 @@ def test_two_workers_and_rebalances_answer_for_everyone_exactly_once(
     assert max(pairs.values()) == 1, "someone was warned twice about one alert"
     for _, key in alerts:
         assert per_alert[key] == len(subs), f"alert {key}: {per_alert[key]} of {len(subs)}"
+
+
+def test_standby_shards_take_over_without_rereading(
+    broker: str, redis_url: str, tmp_path: Path, data_dir: Path
+) -> None:
+    """With warm standbys, a worker whose peer leaves answers for the peer's shards from
+    the copies it already holds (read and indexed), and everyone is still warned once."""
+    settings = settings_for(broker, redis_url, tmp_path, data_dir).model_copy(
+        update={"partitions": 4, "shard_standbys": 3}
+    )
+    rng = np.random.default_rng(9)
+    subs = [
+        Subscription(id=f"s{i:04d}", kind="place", lon=float(rng.uniform(-119.97, -119.90)),
+                     lat=float(rng.uniform(38.45, 38.52)), channels=["sms"])  # type: ignore[list-item]
+        for i in range(800)
+    ]
+    contacts = {s.id: Contact(phone=f"+1555{i:07d}") for i, s in enumerate(subs)}
+    alerts = [storm_variant(data_dir, n) for n in (10, 11)]
+
+    async def scenario() -> str:
+        async with running_worker(settings, tmp_path / "a") as first:
+            await load(settings, subs, contacts)
+            await wait_indexed(settings, len(subs), first)
+            async with running_worker(settings, tmp_path / "b") as second:
+                await wait_owned_by_both(settings, first, second)
+                await publish(settings, (alerts[0][0], "application/cap+xml"))
+                await wait_delivered(settings, alerts[0][1], second)
+            # The second worker left: its partitions were the first one's standbys.
+            await publish(settings, (alerts[1][0], "application/cap+xml"))
+            await wait_delivered(settings, alerts[1][1], first)
+            return first.log()
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    log = asyncio.run(scenario())
+    assert "Traceback" not in log
+    taken = re.findall(r"taken over from a standby shard \((\d+) subscriptions", log)
+    assert taken and all(int(n) > 0 for n in taken), log[-2000:]
+    lines = read_outbox(settings.outbox_path)
+    pairs = Counter((x["alert_key"], x["subscriber_id"]) for x in lines)
+    assert max(pairs.values()) == 1, "someone was warned twice about one alert"
+    for _, key in alerts:
+        assert sum(1 for a, _ in pairs if a == key) == len(subs)

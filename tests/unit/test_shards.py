@@ -9,7 +9,7 @@ from shapely.geometry import box
 
 from geofencing.matcher import SubscriptionIndex
 from streams.records import Subscription, encode
-from streams.shards import Shard
+from streams.shards import Shard, ShardSet
 
 AREA = box(-1.0, -1.0, 1.0, 1.0)
 
@@ -72,3 +72,23 @@ async def test_random_churn_with_rebuilds_matches_a_fresh_index() -> None:
             view = await shard.view(None)  # type: ignore[arg-type]
             assert ids(view.match(AREA)) == fresh_answer(shard)
     assert shard.needs_rebuild(now=float("inf"))
+
+
+def test_standby_shards_are_kept_warm_but_answer_only_once_owned() -> None:
+    shards = ShardSet(None, standbys=2, partitions=4)  # type: ignore[arg-type]
+    added, _ = shards.assign({0, 1})
+    assert added == {0, 1, 2, 3}  # owned 0-1, standbys 2-3: everything read and indexed
+    assert shards.shard(2) is None  # a standby does not answer match requests
+    shards.shards[2].apply("a", place("a", 0, 0))
+    warm = shards.shards[2]
+    added, removed = shards.assign({2, 3})  # a rebalance hands 2 and 3 over
+    assert not added and not removed  # nothing to re-read: 0-1 are now the standbys
+    assert shards.shard(2) is warm and "a" in warm.subscriptions
+    assert shards.shard(0) is None
+
+
+def test_without_standbys_revoked_shards_are_dropped() -> None:
+    shards = ShardSet(None)  # type: ignore[arg-type]
+    shards.assign({0, 1})
+    added, removed = shards.assign({1, 2})
+    assert (added, removed) == ({2}, {0}) and set(shards.shards) == {1, 2}
