@@ -42,10 +42,11 @@ class CapLimits:
     max_polygons: int = 5_000
     max_vertices: int = 500_000
     max_alerts: int = 1_000  # a non-standard <alerts> wrapper / JSON collection
-    # Elements and processing instructions in the whole document. Every element costs
-    # Python work (~1-3 us); without this bound 4 MB of "<x/>" took over a second of CPU.
-    # The largest real message has ~1,000; 5,000 areas of ~20 elements each still fit.
-    max_elements: int = 100_000
+    # Markup items ("<" characters: tags, comments, PIs, CDATA) in the whole document, an
+    # upper bound of its elements counted in C before parsing. Every element costs Python
+    # work (~1-3 us): without this bound 4 MB of "<x/>" took over a second of CPU. The
+    # largest real message has ~2,000; 5,000 areas of ~20 tags each still fit.
+    max_markup: int = 200_000
 
 
 DEFAULT_LIMITS = CapLimits()

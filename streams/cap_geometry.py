@@ -9,13 +9,10 @@ offending pair for the error message. Re-exported by ``streams.cap``.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import itertools
 import math
 import operator
 import re
-from collections.abc import Iterator
 from typing import Annotated
 
 import msgspec
@@ -55,28 +52,7 @@ def check_ring(lons: list[float], lats: list[float], where: str, *, checked: boo
     if lons[0] != lons[-1] or lats[0] != lats[-1]:
         raise CapError("bad_polygon", f"{where}: not closed, first point (lat {lats[0]}, lon "
                                       f"{lons[0]}) != last point (lat {lats[-1]}, lon {lons[-1]})")
-    if len(lons) < _GC_PAUSE_VERTICES:
-        return list(zip(lons, lats, strict=True))
-    with _gc_paused():
-        return list(zip(lons, lats, strict=True))
-
-
-# Building a 93,000-vertex ring allocates 93,000 tuples; each 700 allocations trigger a
-# cyclic-GC pass, and in a worker whose heap holds the matcher's index the older
-# generations' passes are costly. Tuples of floats cannot form cycles, so those passes
-# find nothing: pausing the collector around big rings halves their build time.
-_GC_PAUSE_VERTICES = 2_000
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:  # leave it off if someone else turned it off
-            gc.enable()
+    return list(zip(lons, lats, strict=True))
 
 
 def check_circle(lon: float, lat: float, radius_km: float, where: str) -> Circle:

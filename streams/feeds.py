@@ -41,7 +41,7 @@ ATOM_NS = "http://www.w3.org/2005/Atom"
 CAP_MIME = "application/cap+xml"
 # Index feeds of national services are big: the NWS national Atom feed embeds ~30 cap:
 # elements per entry for thousands of entries.
-FEED_LIMITS = CapLimits(max_bytes=16_000_000, max_elements=1_000_000)
+FEED_LIMITS = CapLimits(max_bytes=16_000_000, max_markup=2_000_000)
 _json = msgspec.json.Decoder()
 
 
