@@ -206,6 +206,12 @@ class SubscriptionReader:
             value_deserializer=None,
         )
         self._assigned: set[int] = set()
+        # Partitions the consumer is actually fetching (assignment applied): only their
+        # silence means "caught up". A shard that follow() just added is not among them
+        # until _apply_assignment ran; an empty fetch for the old assignment finishing in
+        # between used to mark it caught up with nothing read, and its match requests
+        # were answered "0 subscribers" (seen in a rolling restart: half the citizens).
+        self._fetching: set[int] = set()
         self._reassign = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -229,6 +235,7 @@ class SubscriptionReader:
         before, warm = set(self.shards.owned), set(self.shards.shards)
         added, _removed = self.shards.assign(partitions)
         self._assigned = set(self.shards.shards)
+        self._fetching -= added
         if added or _removed:
             self._reassign.set()
         for p in sorted((self.shards.owned - before) & warm):
@@ -253,6 +260,7 @@ class SubscriptionReader:
     async def _apply_assignment(self) -> None:
         tps = [TopicPartition(self.topic, p) for p in sorted(self._assigned)]
         self.consumer.assign(tps)
+        self._fetching = set(self._assigned)
         fresh = [tp for tp in tps if not self.shards.shards[tp.partition].subscriptions]
         if fresh:
             await self.consumer.seek_to_beginning(*fresh)
@@ -279,7 +287,7 @@ class SubscriptionReader:
             # has reached its log end (the broker's reported end offsets are not
             # trusted, see the module docstring).
             for p, shard in self.shards.shards.items():
-                if not shard.caught_up.is_set():
+                if p in self._fetching and not shard.caught_up.is_set():
                     shard.caught_up.set()
                     if self.on_size is not None and p in self.shards.owned:
                         self.on_size(p, len(shard.subscriptions))
