@@ -232,7 +232,8 @@ async def wait_holding_shards(stack: FaultStack, worker: RunningWorker) -> None:
 
     async def holding() -> bool:
         owners = await asyncio.to_thread(client.hvals, "tocsin:shard-owners")
-        return any(str(o, "utf-8").rsplit(":", 1)[-1] == pid for o in owners)
+        names = [o.decode() if isinstance(o, bytes) else o for o in owners]
+        return any(name.rsplit(":", 1)[-1] == pid for name in names)
 
     try:
         await wait_until(holding, 90, f"worker {pid} holding a shard", worker.log())
