@@ -27,6 +27,7 @@ import asyncio
 import json
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -211,7 +212,7 @@ class LoadRun:
         self.stable = citizens(cfg.citizens, self.rng)
         self.issued: list[Issued] = []
         self.figures = Figures()
-        self.worker = None
+        self.worker: subprocess.Popen[bytes] | None = None
 
     def close(self) -> None:
         """Stop every process of the run."""
@@ -233,13 +234,13 @@ class LoadRun:
         await ContactStore(client).put_many(
             {x.id: Contact(push_token=token(x.id)) for x in self.stable}
         )
-        self.worker = spawn_worker(s, self.workdir / "worker.log")
+        worker = self.worker = spawn_worker(s, self.workdir / "worker.log")
         await produce(s.kafka_bootstrap_servers, s.topic(T.SUBSCRIPTIONS),
                       subscription_records(self.stable))  # fmt: skip
         store = AlertStore(client)
         deadline = time.monotonic() + 120
         while sum((await store.shard_sizes()).values()) < len(self.stable):
-            if time.monotonic() > deadline or self.worker.poll() is not None:
+            if time.monotonic() > deadline or worker.poll() is not None:
                 raise RuntimeError("the worker did not index the citizens")
             await asyncio.sleep(0.2)
         await client.aclose()
@@ -301,7 +302,9 @@ class LoadRun:
             batch = max(1, int(cfg.churn_per_s / 4))
             movers = citizens(batch, self.rng, prefix=f"z{churned:07d}-")
             await contacts.put_many({x.id: Contact(push_token=token(x.id)) for x in movers})
-            records = list(subscription_records(movers))
+            records: list[tuple[bytes, bytes | None, list[tuple[str, bytes]]]] = list(
+                subscription_records(movers)
+            )
             churn_ids += [x.id for x in movers]
             if len(churn_ids) > 4 * batch:
                 leaving, churn_ids = churn_ids[:batch], churn_ids[batch:]
