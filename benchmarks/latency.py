@@ -386,7 +386,9 @@ def worker_settings(args: argparse.Namespace, workdir: Path, broker: str, redis_
         field, _, value = item.partition("=")
         if field not in Settings.model_fields:
             raise SystemExit(f"--set {item}: no such setting")
-        update[field] = TypeAdapter(Settings.model_fields[field].annotation).validate_python(value)
+        annotation = Settings.model_fields[field].annotation
+        assert annotation is not None
+        update[field] = TypeAdapter(annotation).validate_python(value)
     return Settings().model_copy(update=update)
 
 
@@ -456,12 +458,16 @@ async def run(args: argparse.Namespace, settings: Settings, workdir: Path,
     received = fcm.received()
     first: dict[str, float] = {}
     pairs: set[tuple[str, str]] = set()
+    done = set(produced) - set(left)  # lost / duplicated: judged on completed alerts only
+    accepted = 0
     for address, key, at in received:
         first[key] = min(at, first.get(key, at))
-        pairs.add((address, key))
-    push_expected = sum(m.get("matched:push", 0) for m in matched.values())
+        if key in done:
+            pairs.add((address, key))
+            accepted += 1
+    push_expected = sum(m.get("matched:push", 0) for k, m in matched.items() if k in done)
     out["push_lost"] = push_expected - len(pairs)
-    out["push_duplicates"] = len(received) - len(pairs)
+    out["push_duplicates"] = accepted - len(pairs)
     out["reach"] = [m.get("matched", 0) for m in matched.values()]
     per = await collect(settings, set(produced))
     out["ms"] = measures(per, first)
@@ -483,7 +489,8 @@ def report(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
     print(
         f"\n{len(ms)} alerts measured; recipients per alert median {int(np.median(reach)):,}, "
         f"max {max(reach):,}; push lost {out['push_lost']}, duplicates "
-        f"{out['push_duplicates']}; incomplete {out['incomplete']}; load average "
+        f"{out['push_duplicates']} (completed alerts); not complete when the run ended "
+        f"{out['incomplete']}; load average "
         f"{out['load_avg_1m'][0]} -> {out['load_avg_1m'][1]} on {os.cpu_count()} cores"
     )  # fmt: skip
     print(f"  {'ms':<14} {'p50':>8} {'p95':>8} {'p99':>8} {'max':>8}")
