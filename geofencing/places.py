@@ -38,6 +38,7 @@ projected boundary; anything closer is decided per point with ``intersects_xy``.
 from __future__ import annotations
 
 import math
+from functools import cached_property
 from typing import Any, Final
 
 import numpy as np
@@ -46,7 +47,8 @@ import shapely
 from shapely.geometry.base import BaseGeometry
 
 from geofencing.arrays import grid_cell, group_min, morton, ranges_to_index
-from geofencing.geodesy import LocalFrame, covering_boxes, unit_vectors
+from geofencing.geodesy import BOW_M, DENSIFY_DEG, LocalFrame, covering_boxes, unit_vectors
+from geofencing.walk import project_rings, walk
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
@@ -66,10 +68,7 @@ MARGIN_M: Final = 10.0  # keep lon/lat-sensitive verdicts this far from the fram
 RADIUS_CLASSES_M: Final = np.array([0.0, 1e3, 5e3, 2e4, 1e5, 1e6])
 _BUCKET_SHIFT: Final = 2 * LEVELS
 _START_EXTRA: Final = 5  # the walk starts at most 5 levels below the box's (_start_level)
-_R_MIN: Final = 6_356_752.0  # polar radius: overestimates angles, so distortion bounds hold
-_MAX_C: Final = 3.0  # beyond ~19 000 km from the frame centre no distortion bound is used
 _EPS: Final = 1e-9  # degrees: lon/lat cell boxes grow by this (float rounding of edges)
-_BIG_M: Final = 1e9  # metres: beyond any frame distance, to sort (leaf, distance) as one key
 
 
 def _fit_level(boxes: list[Box]) -> int:
@@ -144,12 +143,24 @@ class Boundary:
         same = ring[1:] == ring[:-1]
         dots = shapely.get_coordinates(parts[kind == 0])  # a point: a zero-length segment
         a = np.vstack([xy[:-1][same], dots])
-        d = np.vstack([xy[1:][same], dots]) - a
+        self._set(a, np.vstack([xy[1:][same], dots]) - a)
+
+    @classmethod
+    def from_rings(cls, x: FloatArray, y: FloatArray, ring: IntArray) -> Boundary:
+        """The boundary of projected polygon rings given as vertex arrays."""
+        self = cls.__new__(cls)
+        same = ring[1:] == ring[:-1]
+        a = np.column_stack([x[:-1][same], y[:-1][same]])
+        self._set(a, np.column_stack([x[1:][same], y[1:][same]]) - a)
+        return self
+
+    def _set(self, a: FloatArray, d: FloatArray) -> None:
         len2 = d[:, 0] ** 2 + d[:, 1] ** 2
         inv = np.divide(1.0, len2, out=np.zeros_like(len2), where=len2 > 0.0)
-        self.cols: tuple[FloatArray, ...] = tuple(
-            np.ascontiguousarray(c) for c in (a[:, 0], a[:, 1], d[:, 0], d[:, 1], inv)
+        self.matrix: FloatArray = np.ascontiguousarray(
+            np.vstack([a[:, 0], a[:, 1], d[:, 0], d[:, 1], inv])
         )
+        self.cols: tuple[FloatArray, ...] = tuple(self.matrix)
         self.n = len(inv)
 
     def dist2(self, px: FloatArray, py: FloatArray, seg: IntArray) -> FloatArray:
@@ -161,31 +172,6 @@ class Boundary:
         wx -= t * dx
         wy -= t * dy
         return np.asarray(wx * wx + wy * wy)
-
-
-def _cell_bounds(
-    x0: AnyFloats, y0: AnyFloats, cw: float, px: FloatArray, py: FloatArray
-) -> tuple[FloatArray, FloatArray, FloatArray]:
-    """Frame-metre bounds for cells: ``h``, and metres per degree of lon and of lat.
-
-    A point ``dlon, dlat`` degrees from a cell's centre is at most
-    ``hypot(dlon * wscale, dlat * hscale) + 2`` frame metres from it, and ``h`` bounds that
-    over the whole cell (the half-diagonal). The scales are conservative degree lengths
-    (the widest parallel of the cell; the longest degree of latitude) times the frame's
-    largest scale distortion over the cell (k = c / sin c at the cell's farthest angular
-    distance c from the frame centre), plus 1 % (ellipsoid vs sphere); the 2 m cover float
-    rounding of cell edges and the lon/lat-vs-frame edge bow. Cells too far from the frame
-    centre for a bound get ``inf``: they are never decided whole.
-    """
-    ch = cw / 2.0
-    south, north = y0, y0 + ch
-    low = np.where(south * north <= 0.0, 0.0, np.minimum(abs(south), abs(north)))
-    wide = 111_325.0 * np.cos(np.radians(low))
-    half = np.hypot(cw / 2.0 * wide, ch / 2.0 * 111_700.0)
-    c = (np.hypot(px, py) + half) / _R_MIN
-    k = np.divide(c, np.sin(np.minimum(c, _MAX_C)), out=np.ones_like(c), where=c > 1e-9)
-    k = np.where(c < _MAX_C, k * 1.01, np.inf)
-    return half * k + 2.0, wide * k, 111_700.0 * k
 
 
 class PlaceGrid:
@@ -224,11 +210,7 @@ class PlaceGrid:
             return np.empty(0, dtype=np.int64)
         if max(self.classes) == 0:  # radius 0 only: lon/lat boxes suffice, no frame
             return _plain_walk(self, area)
-        frame = LocalFrame.for_geometry(area)
-        projected = frame.project(area)
-        shapely.prepare(projected)
-        walk = _Walk(self, area, frame, projected)
-        return walk.run()
+        return _Walk(self, area, LocalFrame.for_geometry(area)).run()
 
 
 def _plain_walk(grid: PlaceGrid, area: BaseGeometry) -> IntArray:
@@ -267,139 +249,79 @@ def _plain_walk(grid: PlaceGrid, area: BaseGeometry) -> IntArray:
 
 
 class _Walk:
-    """One query's quadtree descent (see the module docstring for the rules).
-
-    Nodes are (radius class, cell) pairs; the geometry of a cell (centre, ``h``, ``D``,
-    inside flag, segment list) is computed once per level and shared by its classes.
+    """One query's quadtree descent (see the module docstring for the rules): the start
+    nodes are built here, the descent itself runs compiled (:func:`geofencing.walk.walk`).
     """
 
-    def __init__(
-        self, grid: PlaceGrid, area: BaseGeometry, frame: LocalFrame, projected: BaseGeometry
-    ) -> None:
-        self.grid, self.area, self.frame, self.projected = grid, area, frame, projected
-        self.boundary = Boundary(projected)
-        self.accepted: list[tuple[IntArray, IntArray]] = []
-        self.plain: list[tuple[IntArray, IntArray]] = []
-        # Leaves of radius classes ("ring" leaves), one tuple of columns per level: start,
-        # stop, may hold inside points, list length, D, centre lon/lat, wscale, hscale.
-        self.ring: list[tuple[npt.NDArray[Any], ...]] = []
-        self.ring_segs: list[IntArray] = []
-        self.ring_seg_d: list[FloatArray] = []  # each segment's distance to its leaf's centre
+    def __init__(self, grid: PlaceGrid, area: BaseGeometry, frame: LocalFrame) -> None:
+        self.grid, self.area, self.frame = grid, area, frame
+        lam0 = math.radians(frame.lon0)
+        self.fr = np.array([frame.lon0, frame._sin0, frame._cos0, frame.n_radius,
+                            frame.m_radius, math.sin(lam0), math.cos(lam0)])
+        self._rings: tuple[FloatArray, FloatArray, IntArray, IntArray] | None = None
+        if area.geom_type in ("Polygon", "MultiPolygon") and not area.is_empty:
+            # LocalFrame.project's arithmetic, compiled; the shapely geometry is built
+            # only if a point lands within the margin (see ``projected``).
+            parts = shapely.get_parts(shapely.segmentize(area, DENSIFY_DEG))
+            rings, owner = shapely.get_rings(parts, return_index=True)
+            xy, ring = shapely.get_coordinates(rings, return_index=True)
+            x, y, ring = project_rings(xy, ring, self.fr, BOW_M)
+            self._rings = (x, y, ring, owner)
+            self.boundary = Boundary.from_rings(x, y, ring)
+        else:
+            self.boundary = Boundary(self.projected)
+
+    @cached_property
+    def projected(self) -> BaseGeometry:
+        """The area in the frame (as :meth:`LocalFrame.project`), prepared."""
+        if self._rings is None:
+            projected = self.frame.project(self.area)
+        else:
+            x, y, ring, owner = self._rings
+            polys = shapely.polygons(
+                shapely.linearrings(np.column_stack([x, y]), indices=ring), indices=owner
+            )
+            multi = self.area.geom_type == "MultiPolygon"
+            projected = shapely.multipolygons(polys) if multi else polys[0]
+        shapely.prepare(projected)
+        return projected
 
     def run(self) -> IntArray:
         grid = self.grid
         classes = np.array(list(grid.classes), dtype=np.int64)
         bounds = np.array(list(grid.classes.values()), dtype=np.float64).reshape(-1, 2)
         r_top = float(bounds[:, 1].max())
-        threshold = r_top + MARGIN_M  # T of the segment-list invariant
         boxes = covering_boxes(self.area, r_top)
         level, near_start, near_stop = _start_level(grid.codes, classes, boxes)
         if int((near_stop - near_start).sum()) <= DIRECT_PLACES:
             return self._direct(ranges_to_index(near_start, near_stop))
         cix, ciy = _start_cells(boxes, level)
-        n_cells, n_segs = len(cix), self.boundary.n
-        pair_cell = np.repeat(np.arange(n_cells), n_segs)
-        pair_seg = np.tile(np.arange(n_segs), n_cells)
-        rep = np.repeat(np.arange(len(classes)), n_cells)
-        node_cell = np.tile(np.arange(n_cells), len(classes))
-        r_lo, r_hi = bounds[rep, 0], bounds[rep, 1]
-        limit = np.where(classes[rep] == 0, LEAF_POINTS, LEAF_POINTS_RADIUS)
-        # key = class bits above the cell's 2*level-bit Morton prefix: at `level` a
-        # cell's points are the codes in [key << shift, (key + 1) << shift), and a
-        # child's key is (key << 2) | quadrant.
-        cell_code = morton(cix, ciy)[node_cell]
-        key = (classes[rep].astype(np.uint64) << np.uint64(2 * level)) | cell_code
-        codes = grid.codes
+        # Start nodes: every (radius class, start cell) pair with its run of places.
+        rep = np.repeat(np.arange(len(classes)), len(cix))
+        key = (classes[rep].astype(np.uint64) << np.uint64(2 * level)) | np.tile(
+            morton(cix, ciy), len(classes)
+        )
         shift = np.uint64(2 * (LEVELS - level))
-        found = np.searchsorted(codes, np.concatenate([key << shift, (key + 1) << shift]))
+        found = np.searchsorted(grid.codes, np.concatenate([key << shift, (key + 1) << shift]))
         start, stop = found[: len(key)].astype(np.int64), found[len(key) :].astype(np.int64)
-        while True:
-            live = np.flatnonzero(stop > start)
-            key, node_cell, limit = key[live], node_cell[live], limit[live]
-            r_lo, r_hi, start, stop = r_lo[live], r_hi[live], start[live], stop[live]
-            # Keep only the cells some live node still uses, renumbered in order.
-            used = np.zeros(n_cells, dtype=bool)
-            used[node_cell] = True
-            renum = np.cumsum(used) - 1
-            cells = np.flatnonzero(used)
-            cix, ciy, node_cell = cix[cells], ciy[cells], renum[node_cell]
-            keep = used[pair_cell]
-            pair_cell, pair_seg = renum[pair_cell[keep]], pair_seg[keep]
-            n_cells = len(cells)
-
-            cw = 360.0 / (1 << level)
-            x0, y0 = cix * cw - 180.0, ciy * (cw / 2.0) - 90.0
-            px, py = self.frame.forward(x0 + cw / 2.0, y0 + cw / 4.0)
-            h, wscale, hscale = _cell_bounds(x0, y0, cw, px, py)
-            d2 = self.boundary.dist2(px[pair_cell], py[pair_cell], pair_seg)
-            dist = np.sqrt(group_min(d2, pair_cell, n_cells))
-            inside = np.asarray(shapely.intersects_xy(self.projected, px, py))
-            # Shrink the lists (invariant in the module docstring); children inherit them.
-            bound = np.minimum(dist + 2.0 * h, threshold + h)
-            keep = d2 <= (bound * bound)[pair_cell]
-            pair_cell, pair_seg, pair_d2 = pair_cell[keep], pair_seg[keep], d2[keep]
-
-            d, hh, inn = dist[node_cell], h[node_cell], inside[node_cell]
-            low = d - hh  # every point's boundary distance is >= min(low, T)
-            ring = r_hi > 0.0
-            accept = inn & (low > MARGIN_M)
-            accept |= ring & ((d + hh <= r_lo) | (inn & (hh <= r_lo)))
-            drop = ~inn & (low > r_hi + MARGIN_M)
-            edge = ~accept & ~drop
-            # Outside, beyond r_lo yet within r_hi everywhere: no descendant can be
-            # accepted or dropped whole, so splitting would only cost node tests.
-            band = ring & ~inn & (low > r_lo) & (d + hh <= r_hi)
-            leaf = edge & ((stop - start <= limit) | band | (level >= LEVELS))
-            self.accepted.append((start[accept], stop[accept]))
-            plain_leaf = leaf & ~ring
-            self.plain.append((start[plain_leaf], stop[plain_leaf]))
-            ring_leaf = np.flatnonzero(leaf & ring)
-            if len(ring_leaf):
-                counts = np.bincount(pair_cell, minlength=n_cells)
-                first = (np.cumsum(counts) - counts)[node_cell[ring_leaf]]
-                k = counts[node_cell[ring_leaf]]
-                at = ranges_to_index(first, first + k)
-                self.ring_segs.append(pair_seg[at])
-                self.ring_seg_d.append(np.sqrt(pair_d2[at]))
-                cell, r = node_cell[ring_leaf], ring_leaf
-                may_inside = inn[r] | ~(low[r] > MARGIN_M)  # (nan-safe)
-                centre = (x0[cell] + cw / 2.0, y0[cell] + cw / 4.0)
-                columns = (start[r], stop[r], may_inside, k, d[r], *centre)
-                self.ring.append((*columns, wscale[cell], hscale[cell]))
-
-            split = np.flatnonzero(edge & ~leaf)
-            if len(split) == 0:  # (always so at LEVELS: every edge node is a leaf there)
-                break
-            # Children: four per split cell (Morton order (dx, dy) = 00, 10, 01, 11), each
-            # inheriting the cell's list; four per split node, pointing at them.
-            split_cell = np.zeros(n_cells, dtype=bool)
-            split_cell[node_cell[split]] = True
-            rank = np.cumsum(split_cell) - 1
-            parents = np.flatnonzero(split_cell)
-            counts = np.bincount(pair_cell, minlength=n_cells)
-            first = np.cumsum(counts) - counts
-            p_first, p_count = np.repeat(first[parents], 4), np.repeat(counts[parents], 4)
-            pair_seg = pair_seg[ranges_to_index(p_first, p_first + p_count)]
-            pair_cell = np.repeat(np.arange(4 * len(parents)), p_count)
-            quad4 = np.tile(np.arange(4, dtype=np.int64), len(parents))
-            cix = np.repeat(cix[parents], 4) * 2 + (quad4 & 1)
-            ciy = np.repeat(ciy[parents], 4) * 2 + (quad4 >> 1)
-            n_cells = len(cix)
-            rep = np.repeat(split, 4)
-            quad = np.tile(np.arange(4, dtype=np.int64), len(split))
-            key = (key[rep] << np.uint64(2)) | quad.astype(np.uint64)
-            node_cell = rank[node_cell[rep]] * 4 + quad
-            r_lo, r_hi, limit = r_lo[rep], r_hi[rep], limit[rep]
-            level += 1
-            # A child's points lie within its parent's range: quadrant 0 starts where the
-            # parent starts, quadrant q stops where q + 1 starts, quadrant 3 stops where
-            # the parent stops; so three searches per parent instead of eight.
-            start, stop = np.repeat(start[split], 4), np.repeat(stop[split], 4)
-            inner = quad != 0
-            shift = np.uint64(2 * (LEVELS - level))
-            start[inner] = np.searchsorted(codes, key[inner] << shift)
-            stop[:-1] = np.where(quad[:-1] != 3, start[1:], stop[:-1])
-        return self._finish()
+        limit = np.where(classes[rep] == 0, LEAF_POINTS, LEAF_POINTS_RADIUS).astype(np.int64)
+        fr = self.fr
+        ranges, n_ranges, hits, n_hits, rest, n_rest = walk(
+            grid.codes, grid.lon, grid.lat, grid.radius_m, *grid.unit,
+            self.boundary.matrix, _ring_edges(self.area), fr,
+            level, np.tile(cix, len(classes)), np.tile(ciy, len(classes)), key, start, stop,
+            bounds[rep, 0], bounds[rep, 1], limit, r_top + MARGIN_M, MARGIN_M, LEVELS,
+        )
+        out = [ranges_to_index(ranges[:n_ranges, 0], ranges[:n_ranges, 1]), hits[:n_hits]]
+        if n_rest:  # the few points within the margin of the boundary: shapely decides
+            i = rest[:n_rest, 0].astype(np.int64)
+            inside = shapely.intersects_xy(self.area, grid.lon[i], grid.lat[i])
+            ring = rest[:n_rest, 3] > 0.0
+            inside[ring] |= shapely.intersects_xy(
+                self.projected, rest[:n_rest, 1][ring], rest[:n_rest, 2][ring]
+            )
+            out.append(i[inside])
+        return np.concatenate(out)
 
     def _direct(self, idx: IntArray) -> IntArray:
         """Few places near the area: test each against every segment, no walk."""
@@ -415,65 +337,15 @@ class _Walk:
         near |= np.asarray(shapely.intersects_xy(self.projected, x, y))
         return np.concatenate([idx[hit], idx_r[near]])
 
-    def _finish(self) -> IntArray:
-        grid, out = self.grid, []
-        acc_s, acc_e = (np.concatenate([a[i] for a in self.accepted]) for i in (0, 1))
-        out.append(ranges_to_index(acc_s, acc_e))
-        if self.plain:
-            idx = ranges_to_index(*(np.concatenate([p[i] for p in self.plain]) for i in (0, 1)))
-            out.append(idx[shapely.intersects_xy(self.area, grid.lon[idx], grid.lat[idx])])
-        if self.ring:
-            out.append(self._ring_hits())
-        return np.concatenate(out)
 
-    def _ring_hits(self) -> IntArray:
-        """Per-point test of the ring leaves: boundary distance <= radius, or inside.
-
-        A point ``delta`` frame metres from its leaf's centre has a boundary distance
-        within ``D +- delta`` (or beyond every radius): radii outside that window are
-        decided without projecting the point; the others are measured against the
-        segments of the leaf's list that can be within their radius.
-        """
-        grid = self.grid
-        start, stop, may_inside, k, dist, clon, clat, wscale, hscale = (
-            np.concatenate([r[i] for r in self.ring]) for i in range(9)
-        )
-        segs = np.concatenate(self.ring_segs)
-        n = stop - start
-        idx = ranges_to_index(start, stop)
-        leaf = np.repeat(np.arange(len(start)), n)
-        dx = (grid.lon[idx] - clon[leaf]) * wscale[leaf]
-        dy = (grid.lat[idx] - clat[leaf]) * hscale[leaf]
-        delta = np.hypot(dx, dy) + 2.0
-        radius = grid.radius_m[idx]
-        centre = dist[leaf]
-        hit = radius >= centre + delta
-        # (nan, from a cell without a distortion bound, compares False: tested exactly)
-        exact = np.flatnonzero(~hit & (~(radius < centre - delta) | may_inside[leaf]))
-        idx_e, leaf_e = idx[exact], leaf[exact]
-        x, y = self.frame.forward_unit(*(u[idx_e] for u in grid.unit))
-        # A segment within r of the point is within r + delta of the centre, so each point
-        # meets only the head of its leaf's list sorted by distance to the centre: sort
-        # keys "leaf * BIG + distance" (+1 m for the keys' rounding), one searchsorted.
-        seg_first = np.cumsum(k) - k
-        owner = np.repeat(np.arange(len(k)), k)
-        sort_key = owner * _BIG_M + np.concatenate(self.ring_seg_d)
-        order = np.argsort(sort_key, kind="stable")
-        segs, sort_key = segs[order], sort_key[order]
-        reach = radius[exact] + delta[exact] + 1.0
-        reach = leaf_e * _BIG_M + np.where(np.isfinite(reach), reach, _BIG_M)  # nan: all
-        kp = np.minimum(np.searchsorted(sort_key, reach, side="right"), (seg_first + k)[leaf_e])
-        kp -= seg_first[leaf_e]
-        point = np.repeat(np.arange(len(exact)), kp)
-        offset = np.arange(len(point)) - np.repeat(np.cumsum(kp) - kp, kp)
-        seg = segs[np.repeat(seg_first[leaf_e], kp) + offset]
-        d2 = group_min(self.boundary.dist2(x[point], y[point], seg), point, len(exact))
-        near = d2 <= radius[exact] ** 2
-        hit[exact] = near
-        rest = np.flatnonzero(~near & may_inside[leaf_e])
-        if len(rest):
-            i = idx_e[rest]
-            inside = shapely.intersects_xy(self.area, grid.lon[i], grid.lat[i])
-            inside |= shapely.intersects_xy(self.projected, x[rest], y[rest])
-            hit[exact[rest]] = inside
-        return idx[hit]
+def _ring_edges(area: BaseGeometry) -> FloatArray:
+    """The lon/lat edges ``ax, ay, dx, dy`` (rows) of the area's polygon rings, for the
+    compiled inside test; none for a line or point area (nothing is inside it)."""
+    parts = shapely.get_parts(area)
+    while (multi := shapely.get_type_id(parts) >= 4).any():
+        parts = np.concatenate([parts[~multi], shapely.get_parts(parts[multi])])
+    rings = shapely.get_rings(parts[shapely.get_type_id(parts) == 3])
+    xy, ring = shapely.get_coordinates(rings, return_index=True)
+    same = ring[1:] == ring[:-1]
+    a, b = xy[:-1][same], xy[1:][same]
+    return np.ascontiguousarray(np.vstack([a.T, (b - a).T]))
