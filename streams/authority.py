@@ -15,7 +15,12 @@ The registry is a YAML or JSON file::
         require_signature: true
         certificate: certs/nws.pem             # relative to the registry file
         legacy_signature: false                # allow SHA-1 / NAAD-style signatures
-        ipaws_profile: true
+        ipaws_profile: true                    # IPAWS-OPEN CAP profile checks (below)
+
+The IPAWS profile: ``<code>IPAWSv1.0</code>``, ``expires`` and one SAME event code
+(:func:`ipaws_problems`, part of :func:`authorise`), and an Update or Cancel must
+reference every unexpired message of its thread (:func:`check_ipaws_thread`, which needs
+the alert registry and so runs in the pipeline after the lifecycle check).
 
 :func:`authorise` returns the problems of one parsed alert as ``"reason: detail"``
 strings (the part before the first colon is the DLQ reason code); an empty list means
