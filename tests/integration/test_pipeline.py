@@ -362,9 +362,11 @@ def test_a_cancel_reaches_everyone_already_warned_and_unknown_references_are_rej
         (s.id, c) for s in subs[:10] for c in ("sms", "email")
     )
     assert all("far" != x["subscriber_id"] for x in lines)
-    # The storm has English text only, so everyone gets the English notice, which names
-    # what was cancelled.
-    assert all("CANCELLED" in x["body"] for x in notices)
+    # The storm has English text only: every notice names what was cancelled (in the
+    # storm's words) and says it is cancelled in the reader's own language.
+    language = {s.id: s.language or "en" for s in subs}
+    word = {"en": "CANCELLED", "es": "CANCELADA", "fr": "ANNULÉE"}
+    assert all(word[language[x["subscriber_id"]]] in x["body"] for x in notices)
     assert all("SEVERE THUNDERSTORM" in x["body"].upper() for x in notices)
 
 
