@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -207,9 +208,10 @@ def test_hostile_input_refused_within_a_second(name: str, tmp_path: Path) -> Non
     data, reason = HOSTILE[name]
     path = tmp_path / name
     path.write_bytes(data)
-    start = time.perf_counter()
+    # CPU time: on a busy shared machine wall time measures the neighbours, not us.
+    start = time.process_time()
     code, out, err = run("--json", str(path))
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     assert code == 1 and out == ""
     assert err.startswith(f"{path}: error: {reason}: ") and err.count("\n") == 1
     assert elapsed < 1.0
@@ -221,11 +223,13 @@ def test_real_process_contract(tmp_path: Path) -> None:
     path.write_bytes(LAUGHS)
     good = CAP / "cap12/oasiscap__spec12_A4_amber_multilingual.xml"
     env = {**os.environ, "COLUMNS": "80"}  # long lines must not be wrapped
-    start = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run([sys.executable, "-m", "ops.cli", "cap", "validate", "--json",
                            str(good), str(path)], capture_output=True, text=True, env=env,
                           cwd=REPO, timeout=60)
-    elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # The child's CPU time (wall time on a busy shared machine measures the neighbours).
+    elapsed = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == [
         f"{path}: error: doctype_forbidden: document contains a DOCTYPE/DTD; CAP needs none "
