@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import shapely
+import shapely.affinity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pyproj import Geod, Proj
@@ -44,7 +45,8 @@ from geofencing import places, zones
 from geofencing.areas import geojson_to_geometry, polygon_from_ring
 from geofencing.geodesy import approx_area_m2, geodesic_circle, wrap_lon
 from geofencing.matcher import SubscriptionIndex
-from geofencing.zones import ZoneSet, disc_area_lower_bound_m2
+from geofencing.overlap import Rings, overlap_m2
+from geofencing.zones import ZoneSet
 from streams.records import Subscription
 
 GEOD = Geod(ellps="WGS84")
@@ -298,32 +300,50 @@ def test_line_and_point_areas(shape: str) -> None:
 
 @settings(max_examples=60, derandomize=True, deadline=None)
 @given(
-    st.floats(-180.0, 179.0),
+    st.floats(-179.0, 179.0),
     st.floats(-85.0, 85.0),
-    st.floats(1e-6, 0.5),
+    st.floats(1e-5, 0.5),
     st.integers(0, 2**32 - 1),
 )
-def test_zone_probe_discs_are_sound(lon: float, lat: float, size: float, seed: int) -> None:
-    """The zone fast path's two facts: each probe's disc of radius ``rho`` lies inside its
-    zone, and the disc area bound never exceeds the approximate m2 of a region holding it."""
+def test_compiled_overlap_equals_the_geos_overlay(
+    lon: float, lat: float, size: float, seed: int
+) -> None:
+    """The zone overlap measured by edge clipping (geofencing.overlap) is the GEOS overlay's
+    approximate m2, for stars with holes and two-part zones against a star area; the
+    degenerate cases (the area itself, a zone sharing its vertices) come back NaN or right,
+    and ZoneSet._overlap, which falls back to GEOS, always answers."""
     rng = np.random.default_rng(seed)
-    polys = []
-    for k in range(6):
-        ring = _star(rng, lon, lat, size * 111_000.0 * rng.uniform(0.2, 1.0), 6 + k)
+    metres = size * 111_000.0
+    built, _ = polygon_from_ring(_star(rng, lon, lat, metres, int(rng.integers(5, 40))).tolist())
+    if built is None or shapely.get_type_id(built) not in (3, 6):
+        return
+    area: BaseGeometry = built
+    polys: list[BaseGeometry] = []
+    for k in range(8):
+        dx, dy = rng.uniform(-1.5, 1.5, 2) * size
+        ring = _star(rng, lon + dx, max(min(lat + dy, 89.0), -89.0), metres * rng.uniform(0.1, 1.0),
+                     5 + k)
         poly = shapely.Polygon(ring)
-        if k % 3 == 1:  # a hole
+        if k % 4 == 1:  # a hole
             poly = poly.difference(poly.centroid.buffer(0.2 * math.sqrt(poly.area)))
-        polys.append(poly)
+        elif k % 4 == 2:  # two parts
+            poly = poly.union(shapely.affinity.translate(poly, 3.0 * math.sqrt(poly.area)))
+        if poly.is_valid and not poly.is_empty and shapely.get_type_id(poly) in (3, 6):
+            polys.append(poly)
+    polys += [area, shapely.affinity.translate(area, size / 2.0)]  # degenerate and not
     zs = ZoneSet(polys)
-    for i in range(len(zs.px)):
-        zone = polys[zs.probe_zone[i]]
-        r = zs.rho[i] - 1e-12  # what the matcher uses at most (it takes 1e-12 deg off)
-        disc = Point(zs.px[i], zs.py[i]).buffer(r, quad_segs=32)
-        assert r > 0 and zone.contains(disc)
-        # the disc polygon holds the disc of its inscribed radius (128 segments)
-        inner = r * math.cos(math.pi / 128)
-        bound = disc_area_lower_bound_m2(inner, zs.cos_max[zs.probe_zone[i]])
-        assert bound <= approx_area_m2([disc])[0]
+    which = np.arange(len(polys))
+    fast = overlap_m2(zs.rings, which, Rings([area]))
+    inter = shapely.intersection(zs.geoms, area)
+    some = ~shapely.is_empty(inter)
+    want = np.zeros(len(polys))
+    want[some] = approx_area_m2(inter[some])
+    ok = ~np.isnan(fast)
+    scale = np.maximum(zs.area_m2, float(approx_area_m2([area])[0]))
+    assert np.all(np.abs(fast[ok] - want[ok]) <= 1e-7 * scale[ok] + 1e-6)
+    full = zs._overlap(area, which)
+    assert not np.isnan(full).any()
+    assert np.all(np.abs(full - want) <= 1e-7 * scale + 1e-6)
 
 
 @pytest.mark.parametrize("fips", ["19153", "06075", "51003"])
