@@ -19,7 +19,7 @@
    kept alive while a provider call or a backoff is in progress;
 5. mark each success sent as soon as its provider answer arrives (providers with
    ``streams_results`` report every answer through ``on_result``; the guard's
-   :class:`~channels.idempotency.SentMarker` writes them in 4 ms / 64-key flushes), so
+   :class:`~channels.idempotency.SentMarker` writes them in 10 ms / 64-key flushes), so
    a crash can re-send only what was in flight (see ``channels/idempotency.py`` for
    the bounds); release the claims of final failures so a redelivered batch can try
    again.
@@ -321,10 +321,23 @@ class _Delivery:
             future = self.marking.pop(sid, None) or marker.mark(self.key(sid), self.token)
             flushes[id(future)] = future
         self.delivered_by[provider.name] = self.delivered_by.get(provider.name, 0) + len(sids)
+        # asyncio.wait, not gather: a flush is shared with other batches and must not be
+        # cancelled by our timeout.
+        done, pending = await asyncio.wait(flushes.values(), timeout=self.guard.lease_s)
         lost: set[str] = set()
-        for found in await asyncio.gather(*flushes.values()):
-            lost |= found
-        if lost:
+        for future in done:
+            lost |= future.result()  # a Redis error propagates: the batch is redelivered
+        if pending:
+            # Never wait forever on a write that may be stuck: record ours directly.
+            log.warning(
+                "alert %s: sent-marks not written within a lease; writing %d directly",
+                self.batch.alert_key,
+                len(sids),
+            )
+            self.lost_leases += await self.guard.mark_sent_many(
+                [self.key(s) for s in sids], self.token
+            )
+        elif lost:
             self.lost_leases += sum(self.key(s) in lost for s in sids)
 
     async def _settle_early(self, provider: Provider, batch: dict[str, OutgoingMessage]) -> None:
