@@ -19,7 +19,7 @@
    kept alive while a provider call or a backoff is in progress;
 5. mark each success sent as soon as its provider answer arrives (providers with
    ``streams_results`` report every answer through ``on_result``; the guard's
-   :class:`~channels.idempotency.SentMarker` writes them in 10 ms / 64-key flushes), so
+   :class:`~channels.idempotency.SentMarker` writes them in 5 ms / 64-key flushes), so
    a crash can re-send only what was in flight (see ``channels/idempotency.py`` for
    the bounds); release the claims of final failures so a redelivered batch can try
    again.
