@@ -43,7 +43,7 @@ the provider's concurrency, C) plus the answers waiting for their mark -- those 
 open 5 ms flush window and of the writes in flight, about
 C x (5 ms + Redis write time) / provider round trip: a few dozen against real FCM
 (50-100 ms round trips), up to about C more against a loopback stand-in on a loaded
-machine (the crash test measures 200-300 per kill with C = 200).
+machine (the crash test measured 200-290 per kill with C = 200).
 
 - **push** (C = ``fcm_max_concurrency``, 200): those are sent again after the lease;
   every FCM message of an alert carries the same collapse key
@@ -56,8 +56,10 @@ machine (the crash test measures 200-300 per kill with C = 200).
 - **SMS**: only a message the provider accepted but whose first status callback
   (``queued``) did not reach the webhook within ``ack_wait_s`` after the lease lapsed
   -- the webhook down or far behind, or no ``sms_status_callback_url`` configured (then
-  SMS has the push window with C = ``sms_max_concurrency``). Twilio takes no
-  idempotency key, so a callback is the only proof of acceptance there is;
+  SMS has the push window with C = ``sms_max_concurrency``); or a request whose answer
+  was lost (timeout, reset) and whose callback had not arrived by the end of the
+  retry backoff (0.2-5 s) -- the same sender consults the records before retrying.
+  Twilio takes no idempotency key, so a callback is the only proof of acceptance;
 - on every channel, a sender whose lease lapsed while it was still alive (an event loop
   stalled for over two thirds of a lease) races its successor: ``mark_sent_many``
   counts those keys and the sender logs them as possible duplicates.

@@ -255,6 +255,10 @@ class _Delivery:
                     delay = max(delay, min(retry_after, _RETRY_AFTER_MAX_S))
                 await asyncio.sleep(delay)
                 await self._recheck_claims()
+                if getattr(provider, "acknowledges", False):
+                    # A request that got no answer may still have been accepted: its
+                    # status callback, if it came during the backoff, says so.
+                    await self._settle_acknowledged(provider, list(batch))
                 batch = {s: m for s, m in batch.items() if s in self.unsettled}
             if not batch:
                 return
@@ -339,6 +343,15 @@ class _Delivery:
             )
         elif lost:
             self.lost_leases += sum(self.key(s) in lost for s in sids)
+
+    async def _settle_acknowledged(self, provider: Provider, sids: list[str]) -> None:
+        """Mark sent the messages among ``sids`` the provider has acknowledged."""
+        sids = [s for s in sids if s in self.unsettled]
+        tokens = [dedupe_token(self.batch.alert_key, self.batch.channel, s) for s in sids]
+        found = await self.guard.acknowledged(tokens)
+        acked = [sid for sid, ok in zip(sids, found, strict=True) if ok]
+        await self._mark_sent(provider, acked)
+        self.acked += len(acked)
 
     async def _settle_early(self, provider: Provider, batch: dict[str, OutgoingMessage]) -> None:
         """A call that raised may have had messages accepted first: they are sent."""
@@ -541,8 +554,8 @@ async def send_batch(
         counts[res.status] = counts.get(res.status, 0) + 1
     if run.acked:
         log.info(
-            "alert %s: %d messages a crashed sender had handed to the provider were "
-            "acknowledged by it; marked sent, not re-sent",
+            "alert %s: %d messages a crashed sender (or a lost answer) had handed to the "
+            "provider were acknowledged by it; marked sent, not re-sent",
             batch.alert_key,
             run.acked,
         )

@@ -215,7 +215,7 @@ def test_sigkilled_workers_lose_nobody(
     # on a loaded loopback; see channels/idempotency.py).
     push_repeats = len(pushes) - len(visible)
     email_repeats = len(emails) - len(ids)
-    acked = sum(int(n) for n in re.findall(r"(\d+) messages a crashed sender had handed", logs))
+    acked = sum(int(n) for n in re.findall(r"(\d+) messages a crashed sender", logs))
     print(
         f"kills at {kills} of {total}; raw repeats: push {push_repeats}, email "
         f"{email_repeats}, sms 0 ({acked} acknowledged texts of the killed workers not "

@@ -17,14 +17,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import redis.asyncio as aioredis
 from firebase_admin import messaging
 
-from channels.base import OutgoingMessage
+from channels.base import OutgoingMessage, SendResult
 from channels.contacts import Contact, ContactStore
 from channels.email import SmtpProvider
 from channels.fcm import FcmProvider, StaticToken, build_message
@@ -160,6 +160,40 @@ async def test_acknowledged_sms_of_a_crashed_sender_is_not_sent_again(r: aioredi
     assert 2.5 <= elapsed < 10
     values = await r.mget([guard.key(ALERT.key, "sms", sid(i)) for i in range(n)])
     assert values == [b"sent"] * n
+
+
+class LostAnswers:
+    """An acknowledging SMS provider that accepts every message but whose first call's
+    answers are lost on the way back (a timeout); its status callbacks still arrive."""
+
+    name, channel, acknowledges = "lost-answers", "sms", True
+
+    def __init__(self, r: aioredis.Redis) -> None:
+        self.r = r
+        self.calls: list[list[str]] = []
+
+    async def send_batch(self, messages: Sequence[OutgoingMessage]) -> list[SendResult]:
+        self.calls.append([m.subscriber_id for m in messages])
+        for m in messages:
+            token = dedupe_token(m.alert_key, m.channel, m.subscriber_id)
+            await record_provider_ack(self.r, token, "SM1", 60)
+        ok = len(self.calls) > 1
+        error = "" if ok else "no answer (TimeoutError)"
+        return [SendResult(m.subscriber_id, ok=ok, error=error, retriable=True) for m in messages]
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_acknowledged_sms_is_not_retried_after_a_lost_answer(r: aioredis.Redis) -> None:
+    await seed(r, 10)
+    provider = LostAnswers(r)
+    receipt = await send_batch(
+        batch(10, "sms"), ALERT, contacts=ContactStore(r), guard=IdempotencyGuard(r, 3600, 5.0),
+        providers=[provider], renderer=Renderer(), backoff_base_s=0.01,  # type: ignore[list-item]
+    )  # fmt: skip
+    assert Counter(x.status for x in receipt.results) == {"sent": 10}
+    assert len(provider.calls) == 1, "the retry would have texted everyone twice"
 
 
 async def test_sms_callback_url_names_the_message_opaquely() -> None:
