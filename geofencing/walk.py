@@ -304,12 +304,17 @@ def _walk(
                     x, y = _forward_unit(ux[i], uy[i], uz[i], fr)
                     # The list holds the point's nearest segment whenever that is within
                     # T: the minimum over it is the boundary distance (or above T).
+                    # Only segments within max(r, margin) + delta of the centre can be
+                    # within r or within the margin of the point.
                     r2 = r * r if ring else -1.0
+                    reach = max(r, margin) + delta + 1.0
+                    reach2 = reach * reach if math.isfinite(reach) else np.inf
                     dp2 = np.inf
                     for j in range(k):
-                        dp2 = min(dp2, _seg_d2(x, y, buf[off + j], seg))
-                        if dp2 <= r2:
-                            break
+                        if d2[j] <= reach2:
+                            dp2 = min(dp2, _seg_d2(x, y, buf[off + j], seg))
+                            if dp2 <= r2:
+                                break
                     if dp2 <= r2:
                         hit = True
                     elif dp2 > margin * margin:

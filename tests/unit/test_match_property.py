@@ -41,7 +41,7 @@ from pyproj import Geod, Proj
 from shapely.geometry import Point, mapping
 from shapely.geometry.base import BaseGeometry
 
-from geofencing import places, zones
+from geofencing import places
 from geofencing.areas import geojson_to_geometry, polygon_from_ring
 from geofencing.geodesy import approx_area_m2, geodesic_circle, wrap_lon
 from geofencing.matcher import SubscriptionIndex
@@ -247,21 +247,19 @@ def test_index_matches_brute_force(sc: Scenario) -> None:
     # Radius-0 places alone take another walk (lon/lat boxes, no frame): check it too.
     plain = SubscriptionIndex.build([s for s in sc.subs if s.kind == "place" and not s.radius_m])
     assert not index.unresolved
-    # 40 places and 11 zones take the direct paths (each place against every segment, each
-    # zone by overlay); otherwise the fast paths: tiny leaves make the quadtree walk decide
-    # cells at every depth (the answer must not depend on where it stops), and zones go
-    # through the boundary-piece and probe-disc tests.
+    # 40 places take the direct path (each place against every segment); otherwise the
+    # walk, with tiny leaves so that it decides cells at every depth (the answer must not
+    # depend on where it stops). Zones always go through the compiled clipping (and GEOS
+    # where that is degenerate).
     saved = places.LEAF_POINTS, places.LEAF_POINTS_RADIUS, places.DIRECT_PLACES
-    saved_zones = zones.DIRECT_ZONES
     if sc.leaf is not None:
         places.LEAF_POINTS = places.LEAF_POINTS_RADIUS = sc.leaf
-        places.DIRECT_PLACES = zones.DIRECT_ZONES = -1
+        places.DIRECT_PLACES = -1
     try:
         got = set(index.match(sc.area))
         got_plain = set(plain.match(sc.area))
     finally:
         places.LEAF_POINTS, places.LEAF_POINTS_RADIUS, places.DIRECT_PLACES = saved
-        zones.DIRECT_ZONES = saved_zones
     assert got_plain == {s.id for s in plain.subscriptions if s.id in got}
     dense = shapely.segmentize(sc.area.boundary, 0.001)
     for sub in sc.subs:
