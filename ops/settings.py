@@ -58,7 +58,7 @@ class Settings(BaseSettings):
         default="json", description="json: one object per line (ops/logging.py); text: for people"
     )
     # faust/aiokafka tuning (issue 7; benchmarks/latency.py measures what each changes).
-    producer_linger_ms: int = Field(default=1, ge=0)
+    producer_linger_ms: int = Field(default=0, ge=0)  # latency.py: 1 ms was no better
     producer_max_batch_size: int = Field(default=16384, ge=1024)
     # tansu holds a fetch until this expires even when records arrive (faust's 1500 ms
     # cost ~0.5-1.5 s per hop); Kafka answers as soon as data arrives either way.
