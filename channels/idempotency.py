@@ -285,7 +285,8 @@ class SentMarker:
         try:
             lost = await self.guard.mark_sent_each(keys, claims)
         except asyncio.CancelledError:
-            future.cancel()  # the loop is shutting down
+            # Left pending: a sender waiting on it writes its own marks after a lease
+            # (a CancelledError handed to it would look like its own cancellation).
             raise
         except Exception as exc:  # handed to whoever awaits the flush
             if not future.done():

@@ -331,7 +331,7 @@ class _Delivery:
         lost: set[str] = set()
         for future in done:
             lost |= future.result()  # a Redis error propagates: the batch is redelivered
-        if pending:
+        if pending:  # (only a write cancelled or stuck in the client leaves one pending)
             # Never wait forever on a write that may be stuck: record ours directly.
             log.warning(
                 "alert %s: sent-marks not written within a lease; writing %d directly",

@@ -118,6 +118,36 @@ async def test_each_message_is_marked_sent_as_its_answer_arrives(r: aioredis.Red
     assert marked_early >= 20, marked_early
 
 
+class StuckFirstWrite(IdempotencyGuard):
+    """A guard whose first batched mark write never returns (a stuck connection)."""
+
+    stuck = False
+
+    async def mark_sent_each(self, keys: Sequence[str], claims: Sequence[str]) -> list[str]:
+        if not self.stuck:
+            self.stuck = True
+            await asyncio.Event().wait()
+        return await super().mark_sent_each(keys, claims)
+
+
+async def test_a_stuck_mark_write_delays_a_batch_by_one_lease_at_most(
+    r: aioredis.Redis,
+) -> None:
+    await seed(r, 30)
+    guard = StuckFirstWrite(r, 3600, 0.5)
+    async with FcmStandIn(project="p", tokens={"t"}).running() as fcm:
+        provider = FcmProvider(fcm.url, "p", StaticToken("t"))
+        async with asyncio.timeout(10):
+            receipt = await send_batch(
+                batch(30), ALERT, contacts=ContactStore(r), guard=guard,
+                providers=[provider], renderer=Renderer(),
+            )  # fmt: skip
+        await provider.aclose()
+    assert Counter(x.status for x in receipt.results) == {"sent": 30}
+    values = await r.mget([guard.key(ALERT.key, "push", sid(i)) for i in range(30)])
+    assert values == [b"sent"] * 30
+
+
 async def _redis_ms(r: aioredis.Redis) -> int:
     seconds, micros = await r.time()
     return int(seconds) * 1000 + int(micros) // 1000
