@@ -48,7 +48,7 @@ from shapely.geometry.base import BaseGeometry
 
 from geofencing.arrays import grid_cell, group_min, morton, ranges_to_index
 from geofencing.geodesy import BOW_M, DENSIFY_DEG, LocalFrame, covering_boxes, unit_vectors
-from geofencing.walk import project_rings, walk
+from geofencing.walk import project_rings, start_nodes, walk
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
@@ -265,10 +265,16 @@ class _Walk:
             parts = shapely.get_parts(shapely.segmentize(area, DENSIFY_DEG))
             rings, owner = shapely.get_rings(parts, return_index=True)
             xy, ring = shapely.get_coordinates(rings, return_index=True)
+            # Lon/lat edges for the inside test (the segmentized edges: collinear pieces
+            # of the same edges, so parity is unchanged).
+            same = ring[1:] == ring[:-1]
+            a, b = xy[:-1][same], xy[1:][same]
+            self.edges: FloatArray = np.ascontiguousarray(np.vstack([a.T, (b - a).T]))
             x, y, ring = project_rings(xy, ring, self.fr, BOW_M)
             self._rings = (x, y, ring, owner)
             self.boundary = Boundary.from_rings(x, y, ring)
-        else:
+        else:  # a line or point area: nothing is inside it
+            self.edges = np.empty((4, 0), dtype=np.float64)
             self.boundary = Boundary(self.projected)
 
     @cached_property
@@ -292,24 +298,18 @@ class _Walk:
         bounds = np.array(list(grid.classes.values()), dtype=np.float64).reshape(-1, 2)
         r_top = float(bounds[:, 1].max())
         boxes = covering_boxes(self.area, r_top)
-        level, near_start, near_stop = _start_level(grid.codes, classes, boxes)
-        if int((near_stop - near_start).sum()) <= DIRECT_PLACES:
-            return self._direct(ranges_to_index(near_start, near_stop))
-        cix, ciy = _start_cells(boxes, level)
-        # Start nodes: every (radius class, start cell) pair with its run of places.
-        rep = np.repeat(np.arange(len(classes)), len(cix))
-        key = (classes[rep].astype(np.uint64) << np.uint64(2 * level)) | np.tile(
-            morton(cix, ciy), len(classes)
+        level = min(_fit_level(boxes) + _START_EXTRA, LEVELS)
+        cix, ciy, key, start, stop = start_nodes(
+            grid.codes, np.array(boxes, dtype=np.float64), classes, level, LEVELS
         )
-        shift = np.uint64(2 * (LEVELS - level))
-        found = np.searchsorted(grid.codes, np.concatenate([key << shift, (key + 1) << shift]))
-        start, stop = found[: len(key)].astype(np.int64), found[len(key) :].astype(np.int64)
+        if int((stop - start).sum()) <= DIRECT_PLACES:
+            return self._direct(ranges_to_index(start, stop))
+        rep = np.repeat(np.arange(len(classes)), len(cix) // len(classes))
         limit = np.where(classes[rep] == 0, LEAF_POINTS, LEAF_POINTS_RADIUS).astype(np.int64)
         fr = self.fr
         ranges, n_ranges, hits, n_hits, rest, n_rest = walk(
             grid.codes, grid.lon, grid.lat, grid.radius_m, *grid.unit,
-            self.boundary.matrix, _ring_edges(self.area), fr,
-            level, np.tile(cix, len(classes)), np.tile(ciy, len(classes)), key, start, stop,
+            self.boundary.matrix, self.edges, fr, level, cix, ciy, key, start, stop,
             bounds[rep, 0], bounds[rep, 1], limit, r_top + MARGIN_M, MARGIN_M, LEVELS,
         )
         out = [ranges_to_index(ranges[:n_ranges, 0], ranges[:n_ranges, 1]), hits[:n_hits]]
@@ -337,15 +337,3 @@ class _Walk:
         near |= np.asarray(shapely.intersects_xy(self.projected, x, y))
         return np.concatenate([idx[hit], idx_r[near]])
 
-
-def _ring_edges(area: BaseGeometry) -> FloatArray:
-    """The lon/lat edges ``ax, ay, dx, dy`` (rows) of the area's polygon rings, for the
-    compiled inside test; none for a line or point area (nothing is inside it)."""
-    parts = shapely.get_parts(area)
-    while (multi := shapely.get_type_id(parts) >= 4).any():
-        parts = np.concatenate([parts[~multi], shapely.get_parts(parts[multi])])
-    rings = shapely.get_rings(parts[shapely.get_type_id(parts) == 3])
-    xy, ring = shapely.get_coordinates(rings, return_index=True)
-    same = ring[1:] == ring[:-1]
-    a, b = xy[:-1][same], xy[1:][same]
-    return np.ascontiguousarray(np.vstack([a.T, (b - a).T]))

@@ -128,6 +128,68 @@ def _project_rings(
 
 
 @njit(cache=True, nogil=True)
+def _spread(v: int) -> np.uint64:
+    """Insert a zero bit between each of the low 32 bits (arrays.spread_bits, scalar)."""
+    x = np.uint64(v) & np.uint64(0xFFFFFFFF)
+    x = (x | (x << np.uint64(16))) & np.uint64(0x0000FFFF0000FFFF)
+    x = (x | (x << np.uint64(8))) & np.uint64(0x00FF00FF00FF00FF)
+    x = (x | (x << np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    x = (x | (x << np.uint64(2))) & np.uint64(0x3333333333333333)
+    return (x | (x << np.uint64(1))) & np.uint64(0x5555555555555555)
+
+
+@njit(cache=True, nogil=True)
+def _start_nodes(
+    codes: np.ndarray, boxes: np.ndarray, classes: np.ndarray, level: int, levels: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The walk's start nodes: every (class, cell of ``level`` meeting a box) pair, class
+    major, cells in Morton order without repeats: (ix, iy, key, start, stop), where
+    start:stop is the run of the node's places in ``codes``."""
+    n = 1 << level
+    count = 0
+    for b in range(boxes.shape[0]):
+        ix0 = min(max(math.floor((boxes[b, 0] + 180.0) * (n / 360.0)), 0), n - 1)
+        ix1 = min(max(math.floor((boxes[b, 2] + 180.0) * (n / 360.0)), 0), n - 1)
+        iy0 = min(max(math.floor((boxes[b, 1] + 90.0) * (n / 180.0)), 0), n - 1)
+        iy1 = min(max(math.floor((boxes[b, 3] + 90.0) * (n / 180.0)), 0), n - 1)
+        count += (ix1 - ix0 + 1) * (iy1 - iy0 + 1)
+    cells = np.empty(count, dtype=np.uint64)
+    k = 0
+    for b in range(boxes.shape[0]):
+        ix0 = min(max(math.floor((boxes[b, 0] + 180.0) * (n / 360.0)), 0), n - 1)
+        ix1 = min(max(math.floor((boxes[b, 2] + 180.0) * (n / 360.0)), 0), n - 1)
+        iy0 = min(max(math.floor((boxes[b, 1] + 90.0) * (n / 180.0)), 0), n - 1)
+        iy1 = min(max(math.floor((boxes[b, 3] + 90.0) * (n / 180.0)), 0), n - 1)
+        for iy in range(iy0, iy1 + 1):
+            for ix in range(ix0, ix1 + 1):
+                cells[k] = _spread(ix) | (_spread(iy) << np.uint64(1))
+                k += 1
+    cells = np.unique(cells)  # sorted; boxes may overlap
+    m = len(cells)
+    cx = np.empty(m * len(classes), dtype=np.int64)
+    cy = np.empty(m * len(classes), dtype=np.int64)
+    key = np.empty(m * len(classes), dtype=np.uint64)
+    start = np.empty(m * len(classes), dtype=np.int64)
+    stop = np.empty(m * len(classes), dtype=np.int64)
+    shift = np.uint64(2 * (levels - level))
+    for c in range(len(classes)):
+        top = np.uint64(classes[c]) << np.uint64(2 * level)
+        for j in range(m):
+            code = cells[j]
+            x = 0
+            y = 0
+            for bit in range(level):  # de-interleave (levels <= 32)
+                x |= int((code >> np.uint64(2 * bit)) & np.uint64(1)) << bit
+                y |= int((code >> np.uint64(2 * bit + 1)) & np.uint64(1)) << bit
+            o = c * m + j
+            cx[o], cy[o] = x, y
+            key[o] = top | code
+            start[o] = np.searchsorted(codes, key[o] << shift)
+            stop[o] = np.searchsorted(codes, (key[o] + np.uint64(1)) << shift)
+    return cx, cy, key, start, stop
+
+
+@njit(cache=True, nogil=True)
 def _seg_d2(px: float, py: float, s: int, seg: np.ndarray) -> float:
     """Squared distance from (px, py) to segment ``s`` (columns ax, ay, dx, dy, 1/|d|^2)."""
     ax, ay, dx, dy, inv = seg[0, s], seg[1, s], seg[2, s], seg[3, s], seg[4, s]
@@ -369,3 +431,4 @@ def _walk(
 # The compiled function, typed for callers (numba's dispatcher has no useful signature).
 walk: Callable[..., tuple[np.ndarray, int, np.ndarray, int, np.ndarray, int]] = _walk
 project_rings: Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]] = _project_rings
+start_nodes: Callable[..., tuple[np.ndarray, ...]] = _start_nodes

@@ -34,7 +34,6 @@ FloatArray = npt.NDArray[np.float64]
 
 ZONE_OVERLAP_REL_TOL: Final = 1e-4
 ZONE_OVERLAP_MIN_M2: Final = 1.0
-SMALL_ZONE_VERTICES: Final = 64  # up to this size, an overlay beats covers + relate first
 
 
 def tolerance_m2(zone_m2: npt.ArrayLike, area_m2: float) -> FloatArray:
@@ -80,21 +79,17 @@ class ZoneSet:
     def _overlay(self, area: BaseGeometry, z: IntArray) -> FloatArray:
         """Overlap (approximate m2) of zones ``z`` with ``area``, by overlay.
 
-        A big zone (a county...) tries cheaper tests first: the area covers it (overlap =
-        its area), or their interiors do not meet (a neighbour sharing a border: 0). A
-        small zone goes straight to the overlay, then cheaper than the tests and saying
-        the same (a covered zone's intersection is itself, a touching one's has no area).
+        These are the degenerate cases of the clipping: mostly zones cut from the same
+        boundary data as the area (the alerted county itself, its neighbours), so the
+        cheaper tests come first: the area covers the zone (overlap = its area), or their
+        interiors do not meet (a neighbour sharing a border: 0).
         """
         zones = self.geoms[z]
         overlap = np.zeros(len(z), dtype=np.float64)
-        big = self.vertices[z] > SMALL_ZONE_VERTICES
-        covered = np.zeros(len(z), dtype=bool)
-        covered[big] = shapely.covers(area, zones[big])
+        covered = np.asarray(shapely.covers(area, zones))
         overlap[covered] = self.area_m2[z[covered]]
         part = np.flatnonzero(~covered)
-        meet = ~big[part]
-        meet[~meet] = shapely.relate_pattern(zones[part[~meet]], area, "T********")
-        part = part[meet]
+        part = part[shapely.relate_pattern(zones[part], area, "T********")]
         inter = shapely.intersection(zones[part], area)
         some = ~shapely.is_empty(inter)  # (an empty result has no centroid to measure at)
         overlap[part[some]] = approx_area_m2(inter[some])
