@@ -15,5 +15,7 @@ COPY ops ops
 COPY data data
 COPY --from=console /console/static/vendor ops/console/static/vendor
 RUN pip install --no-cache-dir -e .
+# numba kernels compiled at build time, not on a worker's first alert
+RUN python -m geofencing.warm
 USER nobody
 CMD ["tocsin", "worker"]

