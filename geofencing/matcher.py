@@ -3,14 +3,14 @@
 :class:`SubscriptionIndex` is built once from the subscriptions and never mutated.
 
 **Places** live in a :class:`geofencing.places.PlaceGrid`: numpy arrays sorted by (radius
-class, Morton code), walked as a quadtree per query with every class and cell vectorised
-per depth; whole cells are accepted or dropped from their distance to the area's boundary,
-and only points in boundary cells are tested one by one (in numpy, no shapely geometry per
-point). A place matches when it is inside the area (``shapely.intersects_xy``, boundary
-included) or, with a radius, when its distance to the area in an azimuthal-equidistant
-frame centred on the area is <= ``radius_m`` (the geodesic distance to ~1e-4 of the radius
-for county-sized areas, see :class:`geofencing.geodesy.LocalFrame`). No Python loop runs
-over subscribers.
+class, Morton code), walked as a quadtree per query by compiled code (numba,
+:mod:`geofencing.walk`); whole cells are accepted or dropped from their distance to the
+area's boundary, and only points in boundary cells are tested one by one (no shapely
+geometry per point). A place matches when it is inside the area (``shapely.intersects_xy``
+semantics, boundary included) or, with a radius, when its distance to the area in an
+azimuthal-equidistant frame centred on the area is <= ``radius_m`` (the geodesic distance
+to ~1e-4 of the radius for county-sized areas, see :class:`geofencing.geodesy.LocalFrame`).
+No Python loop runs over subscribers.
 
 **Zones** (a gazetteer code or a custom GeoJSON geometry) are deduplicated by geometry into
 a :class:`geofencing.zones.ZoneSet` (an STRtree plus interior probe points). A zone matches
@@ -18,8 +18,8 @@ when its interior overlaps the area's interior by more than a sliver: overlap (a
 > max(1 m2, 1e-4 x the smaller of the two areas). Zones that only share a border (overlap
 0) never match, nor does a 0.25 km2 sliver between two 2 500 km2 counties digitised
 differently; a small alert inside a huge zone still matches because the tolerance scales
-with the *smaller* area. Most zones are decided without an overlay (wholly inside or
-outside, or a disc of overlap already above the tolerance), see :mod:`geofencing.zones`.
+with the *smaller* area. Overlaps are measured by compiled edge clipping (GEOS only for
+degenerate configurations), see :mod:`geofencing.zones` and :mod:`geofencing.overlap`.
 
 The answers are exactly those of evaluating each subscription alone (the property test
 ``tests/unit/test_match_property.py`` holds the index to a brute-force reference).

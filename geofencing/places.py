@@ -9,14 +9,15 @@ Radius ``r > 0``: inside, or the distance to the area in an azimuthal-equidistan
 :class:`~geofencing.geodesy.LocalFrame` centred on the area is ``<= r`` (the geodesic
 distance to ~1e-4 of ``r`` for county-sized areas).
 
-**Walk.** A query starts from cells covering the area's bbox grown by the largest radius
-and walks down, every class and cell vectorised per depth. A cell is accepted whole (all
-its points match), dropped whole, or split; small or undecidable cells become leaves whose
-points are tested one by one, still vectorised. Verdicts come from the distance between
-the cell centre and the *boundary* of the projected area, in numpy, against a list of
-boundary segments that shrinks as the walk descends (see :class:`Boundary`): no shapely
-geometry is created per cell or per point, which is what made radius subscriptions cost
-~1 us each before (a shapely point is ~0.5 us to create, a prepared ``dwithin`` ~0.2 us).
+**Walk.** A query starts from the cells (two levels below the one that fits the area's
+bbox grown by the largest radius) and walks down depth first, compiled with numba
+(:mod:`geofencing.walk`). A cell is accepted whole (all its points match), dropped
+whole, or split; small or undecidable cells become leaves whose points are tested one by
+one. Verdicts come from the distance between the cell centre and the *boundary* of the
+projected area, against a list of boundary segments that shrinks as the walk descends
+(see below), and from inside tests by ray parity in lon/lat for cells and points more
+than :data:`MARGIN_M` from the boundary; the few points within it go to GEOS
+(``intersects_xy``). No shapely geometry is created per cell or per point.
 
 **Segment lists** (the invariant that keeps this exact). Every cell carries a list ``L``
 of boundary segments such that for every point ``p`` of the cell with boundary distance
