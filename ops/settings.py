@@ -80,6 +80,7 @@ class Settings(BaseSettings):
     max_polygons: int = 5_000
     max_vertices: int = 500_000
     max_depth: int = 64
+    max_markup: int = 200_000  # '<' characters per message, counted before parsing
     # A YAML/JSON sender registry (see streams/authority.py); empty: open mode, every
     # sender accepted with a warning on the alert.
     senders_file: str = ""

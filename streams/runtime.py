@@ -33,6 +33,18 @@ from streams.state import AlertStore
 from streams.topics import SUBSCRIPTIONS
 from templates.render import Budgets, Renderer
 
+
+def cap_limits(settings: Settings) -> CapLimits:
+    """The CAP parser's limits from the settings (the worker and the API ingest share it)."""
+    return CapLimits(
+        max_bytes=settings.max_message_bytes,
+        max_depth=settings.max_depth,
+        max_areas=settings.max_areas,
+        max_polygons=settings.max_polygons,
+        max_vertices=settings.max_vertices,
+        max_markup=settings.max_markup,
+    )
+
 log = logging.getLogger(__name__)
 
 
@@ -84,13 +96,7 @@ class Runtime:
             if settings.senders_file
             else SenderRegistry()
         )
-        limits = CapLimits(
-            max_bytes=settings.max_message_bytes,
-            max_depth=settings.max_depth,
-            max_areas=settings.max_areas,
-            max_polygons=settings.max_polygons,
-            max_vertices=settings.max_vertices,
-        )
+        limits = cap_limits(settings)
         shards = ShardSet(
             gazetteer, standbys=settings.shard_standbys, partitions=settings.partitions
         )

@@ -18,7 +18,8 @@ from ops.api.audit import record
 from ops.api.auth import Principal, require
 from ops.api.compose import authority_problems, refuse_unauthorised
 from ops.api.context import ApiContext
-from streams.cap import CapError, CapLimits, parse_cap
+from streams.cap import CapError, parse_cap
+from streams.runtime import cap_limits
 
 router = APIRouter(tags=["ingest"])
 
@@ -45,9 +46,7 @@ async def ingest_cap(request: Request,
     ctx: ApiContext = request.app.state.ctx
     s = ctx.settings
     payload = await request.body()
-    limits = CapLimits(max_bytes=s.max_message_bytes, max_depth=s.max_depth,
-                       max_areas=s.max_areas, max_polygons=s.max_polygons,
-                       max_vertices=s.max_vertices)
+    limits = cap_limits(s)
     try:
         alerts = parse_cap(payload, limits=limits, source=f"api:{principal.org}")
     except CapError as exc:
