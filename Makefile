@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint typecheck install services console browser jit clean bench
+.PHONY: run test lint typecheck install services console browser jit promtool clean bench
 
 # A venv with Tocsin and its test extras; rebuilt when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -13,7 +13,18 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-install: $(VENV)/.installed services console jit
+install: $(VENV)/.installed services console jit promtool
+
+# promtool (from Debian's prometheus package, unpacked into the venv, not installed as a
+# service) checks the Prometheus config, alert rules and dashboard queries in the tests.
+promtool: $(BIN)/promtool
+
+$(BIN)/promtool: $(VENV)/.installed
+	@tmp=$$(mktemp -d) && cd $$tmp && \
+	  { apt-get download prometheus >/dev/null 2>&1 || \
+	    { $(SUDO) apt-get update -qq && apt-get download prometheus >/dev/null; }; } && \
+	  dpkg -x prometheus_*.deb root && cp root/usr/bin/promtool $(CURDIR)/$(BIN)/promtool && \
+	  rm -rf $$tmp
 
 # The matcher's numba kernels, compiled once into their __pycache__ (a cold compile costs
 # tens of seconds; every later process, workers included, loads it in about a second).

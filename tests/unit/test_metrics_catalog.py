@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -170,10 +171,19 @@ def test_prometheus_scrapes_the_workers_and_loads_the_rules() -> None:
     assert any('job="tocsin-worker"' in e for e in dashboard_exprs())
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def _promtool() -> str:
+    """promtool from PATH or the venv (``make install`` unpacks Debian's into it)."""
+    venv_bin = str(Path(sys.executable).parent)
+    found = shutil.which("promtool") or shutil.which("promtool", path=venv_bin)
+    assert found, "promtool not found: `make install` puts Debian's into the venv"
+    return found
+
+
 def test_promtool_accepts_the_config_the_rules_and_every_dashboard_query(tmp_path: Path) -> None:
+    tool = _promtool()
+
     def promtool(*args: str) -> None:
-        run = subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=60)
+        run = subprocess.run([tool, *args], capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, run.stdout + run.stderr
 
     promtool("check", "config", str(PROMETHEUS / "prometheus.yml"))
