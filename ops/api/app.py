@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ops.api import admin, alerts, audit, citizens, ingest, preview, progress, public, webhooks
 from ops.api import console as web_console
+from ops.api import health as probes
 from ops.api.context import ApiContext
 from ops.api.otp import OtpNotifier
 from ops.settings import Settings
@@ -162,6 +163,8 @@ def create_app(settings: Settings, *, context: ApiContext | None = None,
         return {"ok": True, "indexed_subscriptions": ctx.index.size(),
                 "index_caught_up": ctx.index.caught_up()}
 
-    # Outermost: refuse oversize bodies before routing or parsing.
+    # Refuse oversize bodies before routing or parsing (only the request metrics,
+    # added next, sit outside, so that they count these refusals too).
     app.add_middleware(BodyLimit, settings=settings)
+    probes.install(app)  # /healthz, /readyz, /metrics; request metrics around everything
     return app
