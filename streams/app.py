@@ -168,10 +168,11 @@ def build_app(settings: Settings) -> faust.App:
             r = await rt()
             bind("ingest")
             payload = event.value or b""
+            m = event.message
+            record_id = f"{m.topic}:{m.partition}:{m.offset}"  # redelivered: published again
             try:
-                outcome = await _redis_patient(
-                    "ingest", partial(r.ingestor.ingest, payload, _headers(event))
-                )
+                step = partial(r.ingestor.ingest, payload, _headers(event), record_id=record_id)
+                outcome = await _redis_patient("ingest", step)
             except Exception as exc:  # a bug must not stop ingest for everyone else
                 log.exception("ingest failed on a record")
                 await dead("ingest", "internal_error", payload, f"{exc!r}")

@@ -108,8 +108,15 @@ class Ingestor:
             return parse_hazard_json(payload, source=source)
         raise CapError("unknown_content_type", f"neither XML nor JSON (content-type {ctype!r})")
 
-    async def ingest(self, payload: bytes, headers: Mapping[str, bytes]) -> IngestOutcome:
-        """One raw message from ``hazards.raw`` -> alerts to publish and dead letters."""
+    async def ingest(
+        self, payload: bytes, headers: Mapping[str, bytes], *, record_id: str = ""
+    ) -> IngestOutcome:
+        """One raw message from ``hazards.raw`` -> alerts to publish and dead letters.
+
+        ``record_id`` names the raw record (``topic:partition:offset``): ingesting the
+        same record again after a crash publishes its alerts again (see
+        ``AlertStore.register``).
+        """
         ctype = headers.get("content-type", b"").decode("latin-1")
         source = headers.get("source", b"").decode("latin-1")
         try:
@@ -138,7 +145,7 @@ class Ingestor:
             if reason:
                 outcome.dead.append(self._dead(reason, payload, ctype, source, detail))
                 continue
-            registration = await self.store.register(alert)
+            registration = await self.store.register(alert, record_id=record_id)
             if registration is Registration.DUPLICATE:
                 outcome.duplicates += 1
             elif registration is Registration.CONFLICT:

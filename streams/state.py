@@ -4,7 +4,8 @@ Plain asyncio Redis code (no faust), shared by the agents, the CLI's progress di
 and the tests. Keys:
 
 - ``tocsin:alert:<key>``      the normalised Alert (JSON), written once by ingest
-- ``tocsin:alert-sent:<key>`` the ``sent`` value ingest registered first (dedup)
+- ``tocsin:alert-sent:<key>`` the ``sent`` value ingest registered first (dedup), a
+                              newline and the raw record it came from
 - ``tocsin:alerts``           sorted set of alert keys by time received
 - ``tocsin:counters:<key>``   hash of counters: ``matched``, ``matched:<channel>``,
                               ``shards``, ``<channel>:<status>`` (sent, failed, ...)
@@ -120,17 +121,28 @@ class AlertStore:
         self._settle = client.register_script(_SETTLE_LUA)
         self._cache: dict[str, Alert] = {}
 
-    async def register(self, alert: Alert) -> Registration:
-        """Record an alert once; tell a republished message from a reused identifier."""
+    async def register(self, alert: Alert, *, record_id: str = "") -> Registration:
+        """Record an alert once; tell a republished message from a reused identifier.
+
+        ``record_id`` names the raw record (``topic:partition:offset``) being ingested. The
+        same record delivered again is NEW again, not a duplicate: the worker that
+        registered it may have died before its alert reached ``alerts`` (the offset was
+        not committed, so the record came back), and every step after registration is
+        idempotent. A republished message is a new record, so still a DUPLICATE.
+        """
         key = alert.key
-        claimed = await self.redis.set(ALERT_SENT + key, alert.sent, nx=True, ex=self.ttl_s)
+        claim = f"{alert.sent}\n{record_id}"  # one SET NX: no window between the two parts
+        claimed = await self.redis.set(ALERT_SENT + key, claim, nx=True, ex=self.ttl_s)
         if not claimed:
             first = await self.redis.get(ALERT_SENT + key)
-            first_sent = first.decode() if isinstance(first, bytes) else str(first)
-            return Registration.DUPLICATE if first_sent == alert.sent else Registration.CONFLICT
+            first_sent, _, first_record = _s(first or b"").partition("\n")
+            if first_sent != alert.sent:
+                return Registration.CONFLICT
+            if not record_id or first_record != record_id:
+                return Registration.DUPLICATE
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(ALERT + key, encode(alert), ex=self.ttl_s)
-            pipe.zadd(ALERTS, {key: alert.received_at or time.time()})
+            pipe.set(ALERT + key, encode(alert), ex=self.ttl_s, nx=True)  # the first stays
+            pipe.zadd(ALERTS, {key: alert.received_at or time.time()}, nx=True)
             await pipe.execute()
         self._cache[key] = alert
         return Registration.NEW
