@@ -260,6 +260,11 @@ async def _poll(settings: Any, urls: list[str], kind: str, interval: float, once
             sys.stderr.write(f"{r.url}: problem: {_one_line(p)}\n")
         sys.stderr.flush()
 
+    health = None
+    if settings.metrics_port and not once:  # /healthz, /readyz, /metrics as the worker's
+        from ops.metrics import serve_health
+
+        health = await serve_health(settings.metrics_host, settings.metrics_port, lambda: True)
     try:
         async with aiohttp.ClientSession() as session:
             pollers = [POLLERS[poller_kind(u) if kind == "auto" else kind](
@@ -272,6 +277,8 @@ async def _poll(settings: Any, urls: list[str], kind: str, interval: float, once
 
                 await run_pollers(pollers, produce, interval, asyncio.Event(), report)
     finally:
+        if health is not None:
+            await health.cleanup()
         if producer is not None:
             await producer.stop()
         if redis_client is not None:
