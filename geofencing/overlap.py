@@ -151,6 +151,20 @@ def _crossing(
 
 
 @njit(cache=True, nogil=True)
+def _add_cut(ts: np.ndarray, k: int, kind: int, t: float,
+             bad: bool) -> tuple[np.ndarray, int, bool]:
+    """Record what _crossing found: a cut at ``t`` (growing ``ts``), or degeneracy."""
+    if kind == 2:
+        return ts, k, True
+    if kind == 1:
+        if k == len(ts):
+            ts = np.concatenate((ts, np.empty(len(ts))))
+        ts[k] = t
+        k += 1
+    return ts, k, bad
+
+
+@njit(cache=True, nogil=True)
 def _inside_area(
     x: float, y: float, xy: np.ndarray, first: np.ndarray, ids: np.ndarray, y0: float,
     step: float,
@@ -265,13 +279,7 @@ def _kernel(zxy: np.ndarray, zstart: np.ndarray, zfirst: np.ndarray, zbox: np.nd
                         qx, qy = axy[e, 0], axy[e, 1]
                         kind, t = _crossing(px, py, dx, dy, qx, qy, axy[e + 1, 0] - qx,
                                             axy[e + 1, 1] - qy)
-                        if kind == 2:
-                            bad = True
-                        elif kind == 1:
-                            if k == len(ts):
-                                ts = np.concatenate((ts, np.empty(len(ts))))
-                            ts[k] = t
-                            k += 1
+                        ts, k, bad = _add_cut(ts, k, kind, t, bad)
                 if bad:
                     break
                 _pieces(ts, k, px, py, dx, dy, acc, 0, zxy, zstart, r0, r1, axy, first,
@@ -299,13 +307,7 @@ def _kernel(zxy: np.ndarray, zstart: np.ndarray, zfirst: np.ndarray, zbox: np.nd
                             px, py = zxy[i, 0], zxy[i, 1]
                             kind, t = _crossing(qx, qy, ex, ey, px, py, zxy[i + 1, 0] - px,
                                                 zxy[i + 1, 1] - py)
-                            if kind == 2:
-                                bad = True
-                            elif kind == 1:
-                                if k == len(ts):
-                                    ts = np.concatenate((ts, np.empty(len(ts))))
-                                ts[k] = t
-                                k += 1
+                            ts, k, bad = _add_cut(ts, k, kind, t, bad)
                     if bad:
                         break
                     _pieces(ts, k, qx, qy, ex, ey, acc, 1, zxy, zstart, r0, r1, axy, first,

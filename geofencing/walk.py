@@ -32,16 +32,8 @@ _ROWS = 64  # row buckets of the ring segments, for the inside test
 
 
 @njit(cache=True, nogil=True)
-def _grow_i(a: np.ndarray, n: int) -> np.ndarray:
-    if n < len(a):
-        return a
-    b = np.empty(max(2 * len(a), 64), dtype=a.dtype)
-    b[: len(a)] = a
-    return b
-
-
-@njit(cache=True, nogil=True)
-def _grow_f(a: np.ndarray, n: int) -> np.ndarray:
+def _grow(a: np.ndarray, n: int) -> np.ndarray:
+    """``a`` with room for index ``n`` (doubled when full; numba compiles one per dtype)."""
     if n < len(a):
         return a
     b = np.empty(max(2 * len(a), 64), dtype=a.dtype)
@@ -389,7 +381,7 @@ def _walk(
                         n_rest += 1
                         continue
                 if hit:
-                    hits = _grow_i(hits, n_hits)
+                    hits = _grow(hits, n_hits)
                     hits[n_hits] = i
                     n_hits += 1
             continue
@@ -399,7 +391,7 @@ def _walk(
         new_off = n_buf
         for j in range(k):
             if d2[j] <= bound2:
-                buf = _grow_i(buf, n_buf)
+                buf = _grow(buf, n_buf)
                 buf[n_buf] = buf[off + j]
                 n_buf += 1
         new_k = n_buf - new_off
@@ -415,7 +407,7 @@ def _walk(
             if child_stop > child_start:
                 stack = _grow_stack(stack, top)
                 if top >= len(skey):
-                    skey = _grow_i(skey, top)
+                    skey = _grow(skey, top)
                     srad = _grow_stack(srad, top)
                 stack[top, 0] = level + 1
                 stack[top, 1], stack[top, 2] = ix * 2 + (q & 1), iy * 2 + (q >> 1)
