@@ -12,7 +12,6 @@ warned. Screenshots of every step go to ``tests/artifacts/console/`` (printed at
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
 import subprocess
@@ -48,13 +47,11 @@ UI_TIMEOUT_MS = 60_000
 
 
 def chromium() -> str:
-    """Debian's chromium; skipped where it is not installed, except on CI (make installs it)."""
+    """Debian's chromium (`make test` installs it; a missing browser fails, never skips)."""
     path = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists()
                                         else None)
     if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is missing: `make install` installs Debian's chromium")
-        pytest.skip("Debian's chromium is not installed (make install adds it)")
+        pytest.fail("chromium is missing: `make test` installs Debian's chromium")
     return path
 
 
