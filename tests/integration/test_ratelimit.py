@@ -134,9 +134,11 @@ async def test_two_workers_never_exceed_the_configured_rate(
     peak = max_in_window([x.at for x in fcm.received])
     print(f"peak {peak} per 1 s window (limit {rate} + {burst}), {elapsed:.2f} s")
     # The bucket bounds when tokens are taken; the stand-in stamps arrival, which
-    # scheduling on this shared 2-core machine can shift by tens of milliseconds. Allow
-    # that shift (50 ms of rate) on top of the bucket's own bound, and no more.
-    assert peak <= rate + burst + rate * 0.05
+    # scheduling on this shared 2-core machine can shift by tens of milliseconds (up to
+    # ~100 ms seen with a dozen other processes busy). Allow that shift (100 ms of rate)
+    # on top of the bucket's own bound, and no more; test_bucket_grants_burst_then_rate
+    # holds the bucket itself to the exact bound.
+    assert peak <= rate + burst + rate * 0.1
     assert elapsed >= (n - burst) / rate * 0.9  # the limit really was what held them back
 
 
