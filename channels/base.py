@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import email.utils
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -36,6 +37,21 @@ __all__ = [
     "SendResult",
     "parse_retry_after",
 ]
+
+
+# Whether a send may still go ahead, set by the caller around one batch's send: the paths
+# that wait (rate-limit tokens) consult it between chunks, so an alert cancelled while
+# its batch waits stops there. A message held back is a result with error WITHDRAWN.
+SEND_GATE: ContextVar[Callable[[], Awaitable[bool]] | None] = ContextVar(
+    "tocsin_send_gate", default=None
+)
+WITHDRAWN = "withdrawn before it was sent (the alert was cancelled)"
+
+
+async def gate_open() -> bool:
+    """False once the current send's gate (:data:`SEND_GATE`) says stop."""
+    gate = SEND_GATE.get()
+    return True if gate is None else await gate()
 
 
 @dataclass(frozen=True, slots=True)

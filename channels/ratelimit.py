@@ -29,7 +29,14 @@ from collections.abc import Callable, Sequence
 
 import redis.asyncio as aioredis
 
-from channels.base import OutgoingMessage, Provider, ProviderError, SendResult
+from channels.base import (
+    WITHDRAWN,
+    OutgoingMessage,
+    Provider,
+    ProviderError,
+    SendResult,
+    gate_open,
+)
 from channels.events import delivery_events
 from streams.records import Channel
 
@@ -150,15 +157,24 @@ class RateLimitedProvider:
         chunks = [messages[i : i + self.chunk] for i in range(0, len(messages), self.chunk)]
         tasks: list[asyncio.Task[list[SendResult]]] = []
         extra = {"on_result": on_result} if on_result and self.streams_results else {}
+        withdrawn: list[SendResult] = []
         try:
-            for part in chunks:
+            for k, part in enumerate(chunks):
                 await self.limiter.acquire(len(part))
+                if not await gate_open():  # cancelled while it waited: the rest stays
+                    held = [m for rest in chunks[k:] for m in rest]
+                    withdrawn = [SendResult(m.subscriber_id, ok=False, error=WITHDRAWN)
+                                 for m in held]
+                    chunks = chunks[:k]
+                    break
                 tasks.append(asyncio.create_task(self.inner.send_batch(part, **extra)))
             outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         except BaseException:
             for task in tasks:
                 task.cancel()
             raise
+        if not tasks:
+            return withdrawn
         failures = [o for o in outcomes if isinstance(o, BaseException)]
         if len(failures) == len(outcomes):
             raise failures[0]
@@ -180,7 +196,7 @@ class RateLimitedProvider:
                 )
             else:
                 results.extend(outcome)
-        return results
+        return results + withdrawn
 
     async def aclose(self) -> None:
         """Close the wrapped provider (the bucket lives on in Redis)."""

@@ -40,7 +40,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from datetime import datetime
 
-from channels.base import OutgoingMessage, Provider, ProviderError, SendResult
+from channels.base import WITHDRAWN, OutgoingMessage, Provider, ProviderError, SendResult
 from channels.contacts import ContactStore
 from channels.events import delivery_events
 from channels.idempotency import ClaimState, IdempotencyGuard, dedupe_token
@@ -85,7 +85,7 @@ def _failure_kind(res: SendResult | None) -> str:
     """One message's failure kind for ``channels.events`` ("" when it was sent)."""
     if res is None:
         return "no_result"
-    if res.ok:
+    if res.ok or res.error == WITHDRAWN:
         return ""
     if res.invalid_address:
         return "invalid_address"
@@ -373,6 +373,7 @@ class _Delivery:
         retry: dict[str, OutgoingMessage] = {}
         retry_after: float | None = None
         failed: dict[str, int] = {}  # failure kind -> messages, for delivery_events()
+        held: list[str] = []
         for sid, msg in batch.items():
             res = by_sid.get(sid)
             kind = _failure_kind(res)
@@ -387,6 +388,10 @@ class _Delivery:
                 dead.append(msg)
                 del self.unsettled[sid]
                 self.result(sid, "failed", f"{provider.name}: invalid address")
+            elif res.error == WITHDRAWN:  # the alert was cancelled: no retry, no failover
+                held.append(sid)
+                del self.unsettled[sid]
+                self.result(sid, "cancelled", WITHDRAWN)
             else:
                 error = res.error or "rejected"
                 self.last_error[sid] = _scrub(f"{provider.name}: {error}", [msg.address])
@@ -397,6 +402,8 @@ class _Delivery:
         for kind, count in failed.items():
             delivery_events().failure(self.batch.channel, provider.name, kind, count)
         await self._mark_sent(provider, sent)
+        if held:  # never sent: free the claims (a later send of this alert would not run)
+            await self.guard.release_many([self.key(sid) for sid in held], self.token)
         if dead:
             # The address is gone for good (e.g. UNREGISTERED token): prune it unless
             # the citizen registered a new one meanwhile, and free the claim.

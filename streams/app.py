@@ -27,6 +27,7 @@ import msgspec
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from channels.base import SEND_GATE
 from channels.sender import send_batch
 from ops.logging import bind, log_context
 from ops.metrics import (
@@ -354,6 +355,10 @@ async def _send_one(r: Runtime, batch: DeliveryBatch) -> tuple[Receipt, Delivery
         return _settle(batch, "cancelled", "alert was cancelled before it was sent"), None
     if alert.origin_ts:
         FIRST_SEND_SECONDS.labels(batch.channel).observe(max(0.0, time.time() - alert.origin_ts))
+    async def not_cancelled() -> bool:
+        return not await r.store.cancelled_by(batch.alert_key)
+
+    gate = SEND_GATE.set(not_cancelled)  # rate-limit waits stop there if it is cancelled
     try:
         receipt = await send_batch(
             batch, alert, contacts=r.contacts, guard=r.guard,
@@ -365,6 +370,8 @@ async def _send_one(r: Runtime, batch: DeliveryBatch) -> tuple[Receipt, Delivery
         log.exception("send failed for alert %s", batch.alert_key)
         reason = "internal error: " + traceback.format_exc(limit=1).splitlines()[-1]
         return _settle(batch, "failed", reason), None
+    finally:
+        SEND_GATE.reset(gate)
     count_sends(batch.channel, receipt.provider, [x.status for x in receipt.results])
     languages = {x.subscriber_id: x.language for x in batch.recipients}
     warned = {x.subscriber_id: languages[x.subscriber_id] for x in receipt.results

@@ -220,8 +220,10 @@ def test_a_cancel_mid_send_stops_the_rest_and_notifies_those_already_warned(
     for channel in CHANNELS:
         assert all(n == 1 for n in final.original[channel].values()), channel
     # The rest was stopped: only provider calls already under way when the cancellation
-    # was recorded could still finish (one batch per concurrent send task and channel).
-    in_flight = 3 * 8 * BATCH  # channels x urgent-lane agent concurrency x batch size
+    # was recorded could still finish. Batches waiting for rate-limit tokens check the
+    # cancellation between chunks (a chunk is one message with a burst of 2), so that is
+    # at most one message per concurrent send task and channel.
+    in_flight = 3 * 8  # channels x urgent-lane agent concurrency x one-message chunk
     assert originals - marks["recorded"] <= in_flight
     assert originals < total, "the cancellation stopped nothing"
     # Everyone warned is told, exactly once per channel they were warned on; nobody else.

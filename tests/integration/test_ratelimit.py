@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 import pytest
 import redis.asyncio as aioredis
 
-from channels.base import OutgoingMessage, Provider, ProviderError, SendResult
+from channels.base import SEND_GATE, OutgoingMessage, Provider, ProviderError, SendResult
 from channels.contacts import Contact, ContactStore
 from channels.idempotency import IdempotencyGuard
 from channels.ratelimit import RateLimitedProvider, RateLimiter
@@ -171,3 +171,40 @@ async def test_a_failed_chunk_does_not_fail_delivered_ones(clients: list[aioredi
     failed = [r for r in results if not r.ok]
     assert len(ok) == 20 and len(failed) == 10
     assert all(r.retriable and r.retry_after_s == 2.0 for r in failed)
+
+
+async def test_a_batch_waiting_for_tokens_stops_when_its_gate_closes(
+    clients: list[aioredis.Redis],
+) -> None:
+    """An alert cancelled while its batch waits for rate-limit tokens: the chunks not yet
+    sent never reach the provider and settle as ``cancelled`` (no retry, no failover)."""
+    n = 40
+    async with FcmStandIn(project="tocsin-test").running() as fcm:
+        settings = Settings(
+            channel_providers="push=fcm", fcm_base_url=fcm.url, fcm_project_id=fcm.project,
+            fcm_access_token="standin-token", fcm_rate_per_s=40, fcm_rate_burst=6,
+        )  # fmt: skip
+        store = ContactStore(clients[0])
+        await store.put_many({f"g{i}": Contact(push_token=f"tok-{i:05d}-gate") for i in range(n)})
+        batch = DeliveryBatch(alert_key=ALERT.key, channel="push",
+                              recipients=[Recipient(f"g{i}", "en") for i in range(n)])
+
+        async def gate() -> bool:  # "cancelled" once a quarter is out
+            return len(fcm.received) < n // 4
+
+        providers = build_providers(settings, "push", clients[0])
+        token = SEND_GATE.set(gate)
+        try:
+            receipt = await send_batch(
+                batch, ALERT, contacts=store, guard=IdempotencyGuard(clients[0], 3600, 5.0),
+                providers=providers, renderer=Renderer(),
+            )  # fmt: skip
+        finally:
+            SEND_GATE.reset(token)
+            for p in providers:
+                await p.aclose()
+    statuses = Counter(x.status for x in receipt.results)
+    assert statuses["sent"] == len(fcm.received) and n // 4 <= len(fcm.received) < n // 2
+    assert statuses["cancelled"] == n - len(fcm.received)
+    assert all(x.error.startswith("withdrawn") for x in receipt.results
+               if x.status == "cancelled")  # fmt: skip
