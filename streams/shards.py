@@ -170,8 +170,13 @@ class ShardSet:
         """Make ``partitions`` the owned set (plus its standbys); return the shards
         (added, removed). A standby that becomes owned is neither: it is kept as it is."""
         owned = set(partitions)
-        wanted = owned | self.standby_for(owned)
         current = set(self.shards)
+        if owned or not self.standbys:
+            wanted = owned | self.standby_for(owned)
+        else:
+            # An empty assignment is a rebalance in progress (faust may hand this worker
+            # none of the topic for a moment): keep every shard warm for what comes next.
+            wanted = current
         for p in current - wanted:
             del self.shards[p]
         for p in wanted - current:

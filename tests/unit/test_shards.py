@@ -87,6 +87,18 @@ def test_standby_shards_are_kept_warm_but_answer_only_once_owned() -> None:
     assert shards.shard(0) is None
 
 
+def test_an_empty_assignment_mid_rebalance_keeps_the_standbys_warm() -> None:
+    """Faust may hand a worker none of the topic for a moment while a peer leaves; the
+    standbys must survive it, or the takeover re-reads everything."""
+    shards = ShardSet(None, standbys=3, partitions=4)  # type: ignore[arg-type]
+    shards.assign({0, 1})
+    warm = dict(shards.shards)
+    assert shards.assign(set()) == (set(), set()) and shards.shards == warm
+    assert all(shards.shard(p) is None for p in range(4))  # owns nothing meanwhile
+    added, removed = shards.assign({0, 1, 2, 3})
+    assert not added and not removed and shards.shards == warm
+
+
 def test_without_standbys_revoked_shards_are_dropped() -> None:
     shards = ShardSet(None)  # type: ignore[arg-type]
     shards.assign({0, 1})
