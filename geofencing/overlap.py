@@ -110,13 +110,13 @@ def _area_rows(xy: np.ndarray, start: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return first, ids, y0, step
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _row(y: float, y0: float, step: float) -> int:
     r = math.floor((y - y0) / step)
     return min(max(r, 0), _ROWS - 1)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _crossing(
     px: float, py: float, dx: float, dy: float, qx: float, qy: float, ex: float, ey: float
 ) -> tuple[int, float]:
@@ -150,7 +150,7 @@ def _crossing(
     return 1, t
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _add_cut(ts: np.ndarray, k: int, kind: int, t: float,
              bad: bool) -> tuple[np.ndarray, int, bool]:
     """Record what _crossing found: a cut at ``t`` (growing ``ts``), or degeneracy."""
@@ -164,7 +164,7 @@ def _add_cut(ts: np.ndarray, k: int, kind: int, t: float,
     return ts, k, bad
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _inside_area(
     x: float, y: float, xy: np.ndarray, first: np.ndarray, ids: np.ndarray, y0: float,
     step: float,
@@ -183,7 +183,7 @@ def _inside_area(
     return odd
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _inside_zone(x: float, y: float, zxy: np.ndarray, zstart: np.ndarray, r0: int,
                  r1: int) -> bool:
     odd = False
@@ -197,7 +197,7 @@ def _inside_zone(x: float, y: float, zxy: np.ndarray, zstart: np.ndarray, r0: in
     return odd
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _pieces(ts: np.ndarray, n: int, px: float, py: float, dx: float, dy: float,
             acc: np.ndarray, inside_kind: int, zxy: np.ndarray, zstart: np.ndarray, r0: int,
             r1: int, axy: np.ndarray, first: np.ndarray, ids: np.ndarray, y0: float,
@@ -229,7 +229,7 @@ def _pieces(ts: np.ndarray, n: int, px: float, py: float, dx: float, dy: float,
             acc[1] += (y0_ + y1) * c
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _clear(bx0: float, by0: float, bx1: float, by1: float, axy: np.ndarray,
            first: np.ndarray, ids: np.ndarray, y0: float, step: float) -> bool:
     """Whether no edge of the area meets the box (grown by a hair for rounding)."""

@@ -50,7 +50,7 @@ def _grow_stack(a: np.ndarray, n: int) -> np.ndarray:
     return b
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _forward(lon: float, lat: float, fr: np.ndarray) -> tuple[float, float]:
     """LocalFrame.forward for one point; ``fr`` = lon0, sin0, cos0, n_radius, m_radius."""
     phi = math.radians(lat)
@@ -64,7 +64,7 @@ def _forward(lon: float, lat: float, fr: np.ndarray) -> tuple[float, float]:
     return k * u * fr[3], k * v * fr[4]
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _forward_unit(ux: float, uy: float, uz: float, fr: np.ndarray) -> tuple[float, float]:
     """LocalFrame.forward_unit for one point; ``fr[5:7]`` = sin, cos of lon0."""
     sl, cl = fr[5], fr[6]
@@ -119,7 +119,7 @@ def _project_rings(
     return ox, oy, oring
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _spread(v: int) -> np.uint64:
     """Insert a zero bit between each of the low 32 bits (arrays.spread_bits, scalar)."""
     x = np.uint64(v) & np.uint64(0xFFFFFFFF)
@@ -181,7 +181,7 @@ def _start_nodes(
     return cx, cy, key, start, stop
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _seg_d2(px: float, py: float, s: int, seg: np.ndarray) -> float:
     """Squared distance from (px, py) to segment ``s`` (columns ax, ay, dx, dy, 1/|d|^2)."""
     ax, ay, dx, dy, inv = seg[0, s], seg[1, s], seg[2, s], seg[3, s], seg[4, s]
@@ -224,7 +224,7 @@ def _rows(seg: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
     return first, ids, y0, step
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _inside(
     px: float, py: float, seg: np.ndarray, first: np.ndarray, ids: np.ndarray, y0: float,
     step: float,
@@ -246,7 +246,7 @@ def _inside(
     return odd
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _cell_bounds(
     x0: float, y0: float, cw: float, px: float, py: float
 ) -> tuple[float, float, float]:
